@@ -1,0 +1,154 @@
+"""Exceptions raised by chemfit.
+
+Every exception subclasses a builtin (``ValueError``, ``TypeError``, ``RuntimeError``,
+``TimeoutError``) so that code written against upstream chemfit, which raised the builtins,
+keeps catching them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ComputeError",
+    "ComputeTimeoutError",
+    "ExternalProgramError",
+    "NotPicklableError",
+    "RemoteEvaluationError",
+    "UnknownOptimizerError",
+    "WorkerLostError",
+]
+
+
+class UnknownOptimizerError(ValueError, KeyError):
+    """The optimizer name is not in ``nevergrad.optimizers.registry``.
+
+    Also a ``KeyError`` so that upstream handlers keep working; ``str()`` is the plain message
+    (``KeyError`` would otherwise quote it).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NotPicklableError(TypeError):
+    """An object must cross a process or rank boundary and cannot be pickled."""
+
+
+class WorkerLostError(RuntimeError):
+    """A worker process or engine died while evaluating.
+
+    Attributes
+    ----------
+    index : int | None
+        Index of the lost evaluation (position in the batch or call sequence).
+    parameters : Any
+        The parameters of the lost evaluation, when known.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None, parameters: Any = None):
+        super().__init__(message)
+        self.index = index
+        self.parameters = parameters
+
+
+class RemoteEvaluationError(RuntimeError):
+    """An error happened on another MPI rank or ipyparallel engine.
+
+    Attributes
+    ----------
+    rank : int | None
+        The rank (or engine id) where the error happened.
+    term_index : int | None
+        The index of the objective term that raised, when known.
+    type_name : str
+        The remote exception's type name.
+    remote_message : str
+        The remote exception's message.
+    remote_traceback : str
+        The remote traceback as text.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        rank: int | None = None,
+        term_index: int | None = None,
+        type_name: str = "",
+        remote_message: str = "",
+        remote_traceback: str = "",
+    ):
+        if message is None:
+            where = f"rank {rank}" if rank is not None else "a remote worker"
+            term = f", term {term_index}" if term_index is not None else ""
+            message = f"{type_name} on {where}{term}: {remote_message}"
+        super().__init__(message)
+        self.rank = rank
+        self.term_index = term_index
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return (
+            _rebuild_remote_error,
+            (
+                str(self),
+                self.rank,
+                self.term_index,
+                self.type_name,
+                self.remote_message,
+                self.remote_traceback,
+            ),
+        )
+
+
+def _rebuild_remote_error(message, rank, term_index, type_name, remote_message, remote_tb):
+    return RemoteEvaluationError(
+        message,
+        rank=rank,
+        term_index=term_index,
+        type_name=type_name,
+        remote_message=remote_message,
+        remote_traceback=remote_tb,
+    )
+
+
+class ComputeError(RuntimeError):
+    """A file-based quantity computer failed."""
+
+
+class ComputeTimeoutError(ComputeError, TimeoutError):
+    """A file-based quantity computer timed out."""
+
+
+class ExternalProgramError(RuntimeError):
+    """An external program failed.
+
+    Attributes
+    ----------
+    cmd : list[str]
+        The command that ran.
+    returncode : int | None
+        Its exit code (``None`` on a timeout).
+    stderr_tail : str
+        The last lines of its standard error.
+    workdir : str | None
+        The working directory, kept for inspection.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cmd: Any = None,
+        returncode: int | None = None,
+        stderr_tail: str = "",
+        workdir: Any = None,
+    ):
+        super().__init__(message)
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        self.workdir = workdir
