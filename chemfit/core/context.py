@@ -15,6 +15,7 @@ MPI-rank boundaries in two directions:
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -178,11 +179,17 @@ class EvaluateContext:
         >>> [c.config.label for c in EvaluateContext().spawn_children(2, label)]
         ['1/2', '2/2']
         """
-        if isinstance(n_children, bool) or not isinstance(n_children, int) or n_children < 0:
+        # numbers.Integral accepts numpy integers too (e.g. sizes computed with numpy)
+        if (
+            isinstance(n_children, bool)
+            or not isinstance(n_children, numbers.Integral)
+            or n_children < 0
+        ):
             raise ValueError(
                 f"n_children must be a non-negative int, got {n_children!r}; "
                 "pass the number of child evaluations"
             )
+        n_children = int(n_children)
         self.children = [self._new_child() for _ in range(n_children)]
         if configurator is not None:
             for idx, child in enumerate(self.children):

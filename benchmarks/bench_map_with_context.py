@@ -1,0 +1,99 @@
+"""Per-evaluation overhead of ``map_with_context`` against a bare ``executor.map``.
+
+Both run the same trivial objective over the same inputs and contexts on the same executor.
+Prints one JSON document: for each executor kind and chunksize, the seconds per evaluation
+(min and median over the repeats) and the ratio ``map_with_context / executor.map``.
+
+``alt_map_chunksize`` is the alternative design for chunking: ``executor.map`` with
+``AttachContextAsReturnValue`` and the executor's own ``chunksize`` (states applied afterwards).
+
+Usage::
+
+    python benchmarks/bench_map_with_context.py [--n 2000] [--repeats 5] [--kinds thread,process,loky]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from chemfit.core.context import EvaluateContext
+from chemfit.execution.executor_utils import AttachContextAsReturnValue, map_with_context
+from chemfit.execution.executors import make_executor
+
+
+def objective(x, ctx):
+    ctx.loss = x
+    return x
+
+
+def _bare(executor, xs, ctxs, chunksize):
+    return list(executor.map(objective, xs, ctxs, chunksize=chunksize))
+
+
+def _with_context(executor, xs, ctxs, chunksize):
+    return map_with_context(executor, objective, xs, ctxs=ctxs, chunksize=chunksize)
+
+
+def _alt_map_chunksize(executor, xs, ctxs, chunksize):
+    outputs = list(
+        executor.map(AttachContextAsReturnValue(objective), xs, ctxs, chunksize=chunksize)
+    )
+    results = []
+    for ctx, (value, state) in zip(ctxs, outputs):
+        ctx.apply_result_state(state)
+        results.append(value)
+    return results
+
+
+def _time_per_eval(run, executor, n, chunksize, repeats):
+    times = []
+    for _ in range(repeats):
+        xs = list(range(n))
+        ctxs = [EvaluateContext() for _ in range(n)]
+        start = time.perf_counter()
+        results = run(executor, xs, ctxs, chunksize)
+        times.append((time.perf_counter() - start) / n)
+        if results != xs:
+            raise RuntimeError(f"{run.__name__} returned wrong results")
+    return {"min": min(times), "median": statistics.median(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="evaluations per map")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", default="thread,process,loky")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    report = {"n": args.n, "repeats": args.repeats, "workers": args.workers, "runs": []}
+    for kind in args.kinds.split(","):
+        executor = make_executor(kind, max_workers=args.workers)
+        _bare(executor, list(range(64)), [EvaluateContext() for _ in range(64)], 1)  # warm up
+        for chunksize in (1, 64):
+            bare = _time_per_eval(_bare, executor, args.n, chunksize, args.repeats)
+            wrapped = _time_per_eval(_with_context, executor, args.n, chunksize, args.repeats)
+            entry = {
+                "kind": kind,
+                "chunksize": chunksize,
+                "bare_executor_map_s_per_eval": bare,
+                "map_with_context_s_per_eval": wrapped,
+                "ratio_median": wrapped["median"] / bare["median"],
+                "ratio_min": wrapped["min"] / bare["min"],
+            }
+            if kind != "thread" and chunksize > 1:
+                alt = _time_per_eval(_alt_map_chunksize, executor, args.n, chunksize, args.repeats)
+                entry["alt_map_chunksize_s_per_eval"] = alt
+            report["runs"].append(entry)
+        if kind != "loky":  # the reusable loky executor is left for loky to clean up
+            executor.shutdown(wait=True)
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,554 @@
+"""Evaluate the terms of a combined objective on an executor.
+
+:class:`ExecutorWrapperCOB` splits the terms of a
+:class:`~chemfit.core.combined.CombinedObjectiveFunction` into tasks, runs them on an executor
+(threads, processes, loky, Dask, ipyparallel, ...) and rebuilds the serial result on the
+caller:
+
+* the caller runs :meth:`~chemfit.core.combined.CombinedObjectiveFunction.prepare_context` and
+  the child-context configurator (absolute term indices), so the children's ``config`` travels
+  to the workers already configured;
+* each task runs ``cob.evaluate_term`` for its terms, **exception handler included**, where the
+  terms run; the children's result states come back and are applied to the caller's children;
+* the caller filters and reduces the terms in term order, so the value is bitwise the serial
+  one (R20) and ``ctx.meta`` has the serial structure.
+
+Cheap terms are grouped: ``terms_per_task="auto"`` measures the term times of each call and
+packs terms under about 5 ms into at most one task per worker.
+
+For executors in other processes the combined objective is pickled once per call and cached in
+each worker process by a content hash, so a worker unpickles it only when it changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import pickle
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal
+
+from chemfit.core.context import EvaluateContext, ExecutorLike
+from chemfit.core.exceptions import NotPicklableError, WorkerLostError
+from chemfit.core.objectives import ObjectiveFunctor, ensure_context
+from chemfit.execution.executor_utils import (
+    _PICKLE_ADVICE,
+    _attach_worker_traceback,
+    _cancel,
+    _is_lost_worker,
+    _is_pickling_error,
+    _is_stdlib_process_pool,
+    _portable_exception,
+    _runs_in_process,
+    _short_repr,
+    _submit_all,
+)
+from chemfit.execution.executors import SerialExecutor, as_executor
+from chemfit.execution.worker_marks import MarkedCall, current_task_executor
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from chemfit.core.combined import CombinedObjectiveFunction
+
+__all__ = ["ExecutorWrapperCOB"]
+
+logger = logging.getLogger(__name__)
+
+#: Terms faster than this (seconds) are grouped by ``terms_per_task="auto"``.
+CHEAP_TERM_SECONDS = 5e-3
+#: ``"auto"`` does not split cheap terms into tasks shorter than this (seconds) ...
+_MIN_TASK_SECONDS = 1e-3
+#: ... and estimates a term's time as the median of its last few measurements.
+_N_TIME_SAMPLES = 3
+
+_COB_METHODS = ("n_terms", "prepare_context", "evaluate_term", "filter_terms", "apply_reduction")
+
+
+# -- shipping the objective to worker processes --------------------------------------------------
+
+_WORKER_CACHE_SIZE = 4
+_worker_cache: OrderedDict[bytes, Any] = OrderedDict()
+_worker_cache_lock = threading.Lock()
+
+
+class _ShippedCOB:
+    """A pickled combined objective and its content hash.
+
+    A worker process unpickles it once and keeps it (a few per process) under its hash, so
+    later tasks and later calls with an unchanged objective reuse the same object, including
+    any caches its terms hold.
+    """
+
+    __slots__ = ("data", "token")
+
+    def __init__(self, token: bytes, data: bytes) -> None:
+        self.token = token
+        self.data = data
+
+    def __reduce__(self):
+        return (_ShippedCOB, (self.token, self.data))
+
+    def load(self) -> Any:
+        with _worker_cache_lock:
+            cob = _worker_cache.get(self.token)
+            if cob is not None:
+                _worker_cache.move_to_end(self.token)
+                return cob
+        cob = pickle.loads(self.data)
+        with _worker_cache_lock:
+            _worker_cache[self.token] = cob
+            while len(_worker_cache) > _WORKER_CACHE_SIZE:
+                _worker_cache.popitem(last=False)
+        return cob
+
+
+def _ship(cob: Any, executor: Any) -> Any:
+    """What a task carries to name the objective: a :class:`_ShippedCOB`, or ``cob`` itself.
+
+    A stdlib process pool pickles with :mod:`pickle`, so that is what is used for it; a failure
+    raises :class:`NotPicklableError` before anything is submitted (R18). Other executors get
+    cloudpickle when it is installed (what loky, Dask and ipyparallel use). When that fails too,
+    the objective is handed to the executor as it is, which may have its own serializer.
+    """
+    if _is_stdlib_process_pool(executor):
+        try:
+            data = pickle.dumps(cob, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise NotPicklableError(
+                f"{type(executor).__name__} cannot pickle the combined objective "
+                f"{_short_repr(cob)} to send it to a worker process: {type(exc).__name__}: "
+                f"{exc}. {_PICKLE_ADVICE}"
+            ) from exc
+    else:
+        try:
+            import cloudpickle
+
+            dumps = cloudpickle.dumps
+        except ImportError:
+            dumps = pickle.dumps
+        try:
+            data = dumps(cob, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            logger.debug(
+                "could not pre-pickle %r; handing it to %s as it is",
+                cob,
+                type(executor).__name__,
+                exc_info=True,
+            )
+            return cob
+    return _ShippedCOB(hashlib.blake2b(data, digest_size=16).digest(), data)
+
+
+# -- the task -------------------------------------------------------------------------------------
+
+
+def _evaluate_chunk(
+    cob: Any,
+    parameters: dict,
+    indices: Sequence[int],
+    children: Sequence[EvaluateContext],
+    remote: bool,
+) -> tuple[list, list | None, list[float], tuple | None]:
+    """Evaluate the terms ``indices`` in their child contexts, in order.
+
+    Returns ``(values, states, seconds, failure)``. ``states`` holds the result state of every
+    term attempted (``None`` when the task runs in the caller's process, where the children are
+    the caller's own objects). ``failure`` is ``None`` or ``(position, exception, traceback
+    text)`` for a term whose exception handler raised; the terms after it are not run, as in a
+    serial call.
+    """
+    if isinstance(cob, _ShippedCOB):
+        cob = cob.load()
+    values: list = []
+    states: list | None = [] if remote else None
+    seconds: list[float] = []
+    failure = None
+    clock = time.perf_counter
+    for position, (idx, child) in enumerate(zip(indices, children)):
+        start = clock()
+        try:
+            value = cob.evaluate_term(parameters, idx, child)
+        except Exception as exc:
+            seconds.append(clock() - start)
+            exception, text = _portable_exception(exc) if remote else (exc, None)
+            failure = (position, exception, text)
+        else:
+            seconds.append(clock() - start)
+            values.append(value)
+        if states is not None:
+            states.append(child.to_result_state())
+        if failure is not None:
+            break
+    return values, states, seconds, failure
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+
+def _worker_count(executor: Any) -> int:
+    """How many tasks ``executor`` runs at once (a guess for unknown executors)."""
+    if isinstance(executor, SerialExecutor):
+        return 1
+    for name in ("_max_workers", "max_workers", "_n_workers", "n_workers"):
+        value = getattr(executor, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return os.cpu_count() or 1
+
+
+def _fixed_chunks(n_terms: int, terms_per_task: int) -> list[list[int]]:
+    return [
+        list(range(start, min(start + terms_per_task, n_terms)))
+        for start in range(0, n_terms, terms_per_task)
+    ]
+
+
+def _split_balanced(indices: list[int], seconds: Sequence[float], n_groups: int) -> list[list[int]]:
+    """Cut ``indices`` into ``n_groups`` contiguous, non-empty groups of similar total time."""
+    total = sum(seconds[i] for i in indices)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    elapsed = 0.0
+    for position, idx in enumerate(indices):
+        current.append(idx)
+        elapsed += seconds[idx]
+        groups_left = n_groups - len(groups) - 1
+        items_left = len(indices) - position - 1
+        if groups_left > 0 and (
+            elapsed >= total * (len(groups) + 1) / n_groups or items_left == groups_left
+        ):
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _auto_chunks(seconds: Sequence[float], n_workers: int) -> list[list[int]]:
+    """Expensive terms alone; cheap terms in at most ``n_workers`` contiguous groups.
+
+    The tasks are ordered by decreasing estimated time, so the longest start first.
+    """
+    expensive = [[i] for i, s in enumerate(seconds) if s >= CHEAP_TERM_SECONDS]
+    cheap = [i for i, s in enumerate(seconds) if s < CHEAP_TERM_SECONDS]
+    chunks = expensive
+    if cheap:
+        cheap_total = sum(seconds[i] for i in cheap)
+        n_groups = max(
+            1, min(n_workers, len(cheap), math.floor(cheap_total / _MIN_TASK_SECONDS))
+        )
+        chunks = expensive + _split_balanced(cheap, seconds, n_groups)
+    chunks.sort(key=lambda chunk: -sum(seconds[i] for i in chunk))
+    return chunks
+
+
+class _TermTimes:
+    """The recent wall times of each term, for ``terms_per_task="auto"``; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._samples: list[deque] = []
+
+    def estimates(self, n_terms: int) -> list[float] | None:
+        """Median of the recent times of each term, or ``None`` until every term was timed."""
+        with self._lock:
+            if len(self._samples) != n_terms or not all(self._samples):
+                return None
+            return [sorted(s)[len(s) // 2] for s in self._samples]
+
+    def record(self, n_terms: int, indices: Sequence[int], seconds: Sequence[float]) -> None:
+        with self._lock:
+            if len(self._samples) != n_terms:
+                self._samples = [deque(maxlen=_N_TIME_SAMPLES) for _ in range(n_terms)]
+            for idx, value in zip(indices, seconds):
+                self._samples[idx].append(value)
+
+
+# -- the wrapper ---------------------------------------------------------------------------------
+
+
+def _check_terms_per_task(value: Any) -> int | Literal["auto"]:
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        raise ValueError(
+            f"terms_per_task must be a positive int or 'auto', got {value!r}; "
+            "use 'auto' to group cheap terms, or 1 for one task per term"
+        )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"terms_per_task must be a positive int or 'auto', got {value!r} "
+            f"({type(value).__name__}); use 'auto' or e.g. 1"
+        )
+    if value < 1:
+        raise ValueError(
+            f"terms_per_task must be >= 1, got {value}; use 1 for one task per term"
+        )
+    return value
+
+
+def _check_cob(cob: Any) -> None:
+    missing = [name for name in _COB_METHODS if not callable(getattr(cob, name, None))]
+    if missing or not hasattr(cob, "child_context_configurator"):
+        raise TypeError(
+            f"cob must be a CombinedObjectiveFunction, got {type(cob).__name__} "
+            f"(missing: {', '.join(missing) or 'child_context_configurator'}); wrap your "
+            "objective functions in CombinedObjectiveFunction([...]) first"
+        )
+
+
+def _shutdown_pool(pool: ThreadPoolExecutor) -> None:
+    pool.shutdown(wait=False)
+
+
+class ExecutorWrapperCOB(ObjectiveFunctor):
+    """Evaluates the terms of a combined objective on an executor, with the serial result.
+
+    Parameters
+    ----------
+    cob : CombinedObjectiveFunction
+        The combined objective; its terms, weights, configurator, reduction and exception
+        handler are used as they are at each call.
+    executor : ExecutorLike, optional
+        Where the terms run, unless the context passed to a call has an ``executor``. Anything
+        :func:`~chemfit.execution.executors.as_executor` accepts.
+    terms_per_task : int or "auto", default "auto"
+        Number of contiguous terms in one task; ``1`` is one task per term. ``"auto"`` starts
+        with one task per term, then uses the measured term times: a term of 5 ms or more gets
+        its own task and the cheaper terms are packed into at most one task per worker.
+
+    Attributes
+    ----------
+    cob : CombinedObjectiveFunction
+    executor : ExecutorLike or None
+    terms_per_task : int or "auto"
+
+    Notes
+    -----
+    * **Which executor.** ``ctx.executor``, else :attr:`executor`, else a thread pool the
+      wrapper creates on first use and reuses (R12); :meth:`close`, leaving a ``with`` block,
+      or garbage collection shuts that pool down. A user's executor is never shut down.
+    * **No deadlock on a shared pool (R11).** When the chosen executor is the one running the
+      current task (for instance the Fitter's pool, or the same pool for a nested wrapper), the
+      terms are evaluated inline in this thread and an INFO line says so once.
+    * **Same result as the COB (R20).** The configurator runs here with absolute indices; each
+      child's ``to_result_state()`` is applied to the caller's child; the reduction runs here
+      in term order. Value and ``ctx.meta`` equal those of ``cob(parameters, ctx)``.
+    * **Exception handlers** run in the task, next to the term that raised, exactly as
+      ``cob.evaluate_term`` does serially; what they write into the child context comes back.
+      When a handler re-raises, the other tasks still finish, their children are applied, and
+      the exception of the lowest term index is raised (with the worker's traceback as its
+      ``__cause__`` when it came from another process).
+    * **Pickling.** The wrapper is picklable; the executor and the pool are dropped, so an
+      unpickled copy uses ``ctx.executor`` or its own thread pool. A stdlib process pool that
+      cannot pickle the objective raises :class:`~chemfit.core.exceptions.NotPicklableError`
+      before anything is submitted (R18); a dead worker process raises
+      :class:`~chemfit.core.exceptions.WorkerLostError`.
+
+    Examples
+    --------
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> from chemfit.core.combined import CombinedObjectiveFunction
+    >>> cob = CombinedObjectiveFunction(
+    ...     [lambda p: p["x"], lambda p: 2 * p["x"], lambda p: 3 * p["x"]], weights=[1.0, 0.5, 2.0]
+    ... )
+    >>> ctx = EvaluateContext()
+    >>> with ThreadPoolExecutor(2) as pool, ExecutorWrapperCOB(cob, pool) as wrapped:
+    ...     wrapped({"x": 1.0}, ctx)
+    8.0
+    >>> cob({"x": 1.0}), ctx.meta["n_terms"], [c["loss"] for c in ctx.meta["children"]]
+    (8.0, 3, [1.0, 2.0, 3.0])
+    """
+
+    def __init__(
+        self,
+        cob: CombinedObjectiveFunction,
+        executor: ExecutorLike | None = None,
+        *,
+        terms_per_task: int | Literal["auto"] = "auto",
+    ) -> None:
+        _check_cob(cob)
+        self.cob = cob
+        self.executor = as_executor(executor)
+        self.terms_per_task = _check_terms_per_task(terms_per_task)
+        self._init_runtime_state()
+
+    def _init_runtime_state(self) -> None:
+        self._lock = threading.Lock()
+        self._own_pool: ThreadPoolExecutor | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._inline_logged = False
+        self._times = _TermTimes()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Shut down the thread pool this wrapper created, if any; never a user's executor.
+
+        A later call creates a new pool.
+
+        Examples
+        --------
+        >>> from chemfit.core.combined import CombinedObjectiveFunction
+        >>> wrapped = ExecutorWrapperCOB(CombinedObjectiveFunction([lambda p: 1.0]))
+        >>> wrapped({})
+        1.0
+        >>> wrapped.close()
+        """
+        with self._lock:
+            pool, self._own_pool = self._own_pool, None
+            finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"cob": self.cob, "terms_per_task": self.terms_per_task}
+
+    def __setstate__(self, state: dict) -> None:
+        self.cob = state["cob"]
+        self.terms_per_task = state["terms_per_task"]
+        self.executor = None
+        self._init_runtime_state()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(cob={self.cob!r}, executor={self.executor!r}, "
+            f"terms_per_task={self.terms_per_task!r})"
+        )
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._own_pool is None:
+                pool = ThreadPoolExecutor(thread_name_prefix="chemfit-ExecutorWrapperCOB")
+                self._own_pool = pool
+                self._finalizer = weakref.finalize(self, _shutdown_pool, pool)
+                logger.debug("%s created its thread pool %r", type(self).__name__, pool)
+            return self._own_pool
+
+    def _choose_executor(self, ctx: EvaluateContext) -> Any:
+        executor = as_executor(getattr(ctx, "executor", None))
+        if executor is None:
+            executor = as_executor(self.executor)
+        return self._pool() if executor is None else executor
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
+        ctx = ensure_context(ctx)
+        cob = self.cob
+        executor = self._choose_executor(ctx)
+        if executor is current_task_executor():
+            self._log_inline(executor)
+            return cob(parameters, ctx)
+        ctx = cob.prepare_context(parameters, ctx)
+        n_terms = cob.n_terms()
+        remote = not _runs_in_process(executor)
+        shipped = _ship(cob, executor) if remote else cob
+        chunks = self._plan(n_terms, executor)
+        with ctx.child_contexts(n_terms, cob.child_context_configurator) as children:
+            terms = self._run(executor, shipped, parameters, chunks, children, remote, n_terms)
+        kept = cob.filter_terms(terms, ctx)
+        ctx.loss = cob.apply_reduction(kept, ctx)
+        return ctx.loss
+
+    def _log_inline(self, executor: Any) -> None:
+        with self._lock:
+            if self._inline_logged:
+                return
+            self._inline_logged = True
+        logger.info(
+            "%s: the executor %s is already running this task; evaluating the terms inline "
+            "in this thread to avoid a deadlock (logged once)",
+            type(self).__name__,
+            type(executor).__name__,
+        )
+
+    def _plan(self, n_terms: int, executor: Any) -> list[list[int]]:
+        if self.terms_per_task != "auto":
+            return _fixed_chunks(n_terms, self.terms_per_task)
+        seconds = self._times.estimates(n_terms)
+        if seconds is None:
+            return _fixed_chunks(n_terms, 1)
+        return _auto_chunks(seconds, _worker_count(executor))
+
+    def _run(
+        self,
+        executor: Any,
+        shipped: Any,
+        parameters: dict,
+        chunks: list[list[int]],
+        children: list[EvaluateContext],
+        remote: bool,
+        n_terms: int,
+    ) -> list[float | None]:
+        task = MarkedCall(_evaluate_chunk, executor)
+        futures = _submit_all(
+            executor,
+            task,
+            [(shipped, parameters, chunk, [children[i] for i in chunk], remote) for chunk in chunks],
+        )
+        terms: list[float | None] = [None] * n_terms
+        failures: list[tuple[int, BaseException]] = []
+        finished = False
+        try:
+            for chunk, future in zip(chunks, futures):
+                try:
+                    values, states, seconds, failure = future.result()
+                except Exception as exc:
+                    failures.append((chunk[0], self._translate(exc, chunk, parameters, executor)))
+                    continue
+                if states is not None:
+                    for idx, state in zip(chunk, states):
+                        children[idx].apply_result_state(state)
+                for idx, value in zip(chunk, values):
+                    terms[idx] = value
+                self._times.record(n_terms, chunk, seconds)
+                if failure is not None:
+                    position, exception, text = failure
+                    failures.append((chunk[position], _attach_worker_traceback(exception, text)))
+            finished = True
+        finally:
+            if not finished:  # KeyboardInterrupt and the like: drop what has not started
+                _cancel(futures)
+        if failures:
+            raise min(failures, key=lambda item: item[0])[1]
+        return terms
+
+    def _translate(
+        self, exc: BaseException, chunk: list[int], parameters: dict, executor: Any
+    ) -> BaseException:
+        """A task's own failure (not a term's): WorkerLostError, NotPicklableError or as is."""
+        if _is_lost_worker(exc):
+            error: BaseException = WorkerLostError(
+                f"a worker of {type(executor).__name__} died while evaluating terms "
+                f"{chunk[0]}..{chunk[-1]} with parameters {_short_repr(parameters, 200)} "
+                f"({type(exc).__name__}: {exc}); create a new executor to continue",
+                index=chunk[0],
+                parameters=parameters,
+            )
+        elif _is_pickling_error(exc, executor):
+            error = NotPicklableError(
+                f"{type(executor).__name__} could not pickle the parameters, the child contexts "
+                f"or the results of terms {chunk[0]}..{chunk[-1]}: {type(exc).__name__}: {exc}. "
+                f"{_PICKLE_ADVICE}"
+            )
+        else:
+            return exc
+        error.__cause__ = exc
+        return error

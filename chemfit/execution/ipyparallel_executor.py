@@ -1,0 +1,674 @@
+"""An executor over the engines of an ipyparallel cluster.
+
+:class:`IPyParallelExecutor` is a ``concurrent.futures.Executor`` whose calls run on the engines
+of an ipyparallel cluster, load balanced. It either
+
+* **starts** a local cluster of ``max_workers`` engines (``mpi=True``: the engines are launched
+  by the venv's ``mpiexec`` and form one MPI world) in a throwaway profile directory, and stops
+  it again on :meth:`~IPyParallelExecutor.shutdown`, leaving no engine, controller or
+  ``mpiexec`` behind; or
+* **connects** to a running cluster (``ipcluster start``, ``ipp.Cluster``) found by ``profile``,
+  ``cluster_id`` and/or ``profile_dir``; then ``shutdown()`` only disconnects.
+
+Calls are serialised with cloudpickle, so lambdas and functions defined in a notebook work.
+An exception raised by a call comes back as itself (chained ``from`` a
+:class:`~chemfit.core.exceptions.RemoteEvaluationError` carrying the remote traceback); an
+engine that dies while running a call fails that call's future with
+:class:`~chemfit.core.exceptions.WorkerLostError`, and when the last engine is gone every
+pending call fails the same way instead of waiting forever.
+
+ipyparallel and cloudpickle are imported when an executor is created, not at module import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import threading
+import traceback
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import wait as wait_futures
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from chemfit.core.context import EvaluateContext
+from chemfit.core.exceptions import RemoteEvaluationError, WorkerLostError
+
+__all__ = ["IPyParallelExecutor", "RemoteCall", "failure_to_exception"]
+
+logger = logging.getLogger(__name__)
+
+# A 0.5 s heartbeat instead of the default 3 s registers engines (and notices dead ones) sooner.
+_HEARTBEAT_MS = 500
+_EXTRA_HINT = "install it with: pip install 'chemfit[ipyparallel]'"
+
+
+def _require_ipyparallel() -> Any:
+    """Import ipyparallel (and check cloudpickle), or raise ImportError naming the extra."""
+    try:
+        import ipyparallel
+    except ImportError as exc:
+        raise ImportError(
+            f"IPyParallelExecutor needs the optional dependency ipyparallel; {_EXTRA_HINT}"
+        ) from exc
+    try:
+        import cloudpickle  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "IPyParallelExecutor sends calls with cloudpickle, which is not installed; "
+            f"{_EXTRA_HINT}"
+        ) from exc
+    return ipyparallel
+
+
+# -- what runs on the engine --------------------------------------------------------------------
+
+_OK = "ok"
+_FAILED = "failed"
+
+
+def _capture_failure(exc: BaseException) -> dict:
+    """Describe an exception so that the caller can raise it again (engine side)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    pickled: bytes | None
+    try:
+        pickled = pickle.dumps(exc)
+        pickle.loads(pickled)  # exceptions with custom __init__ may not round-trip
+    except Exception:
+        pickled = None
+    return {
+        "type_name": type(exc).__qualname__,
+        "message": str(exc),
+        "traceback": text,
+        "pickled": pickled,
+        "pid": os.getpid(),
+    }
+
+
+def failure_to_exception(failure: dict, where: str, rank: int | None = None) -> BaseException:
+    """Rebuild the exception described by an engine (caller side).
+
+    Parameters
+    ----------
+    failure : dict
+        What :class:`RemoteCall` returned for a failed call.
+    where : str
+        Where it happened, for the message (e.g. ``"ipyparallel engine 1"``).
+    rank : int, optional
+        The engine id or MPI rank, stored in ``RemoteEvaluationError.rank``.
+
+    Returns
+    -------
+    BaseException
+        The original exception when it could be unpickled, with ``__cause__`` set to a
+        :class:`~chemfit.core.exceptions.RemoteEvaluationError` that holds the remote
+        traceback; otherwise that ``RemoteEvaluationError`` itself.
+
+    Examples
+    --------
+    >>> status, failure = RemoteCall(int)("x")
+    >>> exc = failure_to_exception(failure, "engine 0", rank=0)
+    >>> type(exc).__name__, type(exc.__cause__).__name__, exc.__cause__.rank
+    ('ValueError', 'RemoteEvaluationError', 0)
+    """
+    remote = RemoteEvaluationError(
+        f"{failure['type_name']} on {where}: {failure['message']}\n\n"
+        f"Remote traceback:\n{failure['traceback']}",
+        rank=rank,
+        type_name=failure["type_name"],
+        remote_message=failure["message"],
+        remote_traceback=failure["traceback"],
+    )
+    original = None
+    if failure.get("pickled") is not None:
+        try:
+            original = pickle.loads(failure["pickled"])
+        except Exception:
+            original = None
+    if not isinstance(original, BaseException):
+        return remote
+    original.__cause__ = remote
+    return original
+
+
+class RemoteCall:
+    """Run ``fn`` on an engine and return ``(status, value)`` instead of raising.
+
+    ``("ok", result)`` on success; ``("failed", description)`` when ``fn`` raised an
+    ``Exception``; :func:`failure_to_exception` turns the description back into the exception.
+
+    Parameters
+    ----------
+    fn : callable
+        The function to call with the submitted arguments.
+
+    Examples
+    --------
+    >>> RemoteCall(divmod)(7, 2)
+    ('ok', (3, 1))
+    >>> status, failure = RemoteCall(divmod)(1, 0)
+    >>> status, failure["type_name"]
+    ('failed', 'ZeroDivisionError')
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+        try:
+            return _OK, self.fn(*args, **kwargs)
+        except Exception as exc:
+            return _FAILED, _capture_failure(exc)
+
+    def __reduce__(self):
+        return (RemoteCall, (self.fn,))
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> list:
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(iterable: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _engine_info() -> dict:
+    """Process id, host and MPI rank/size of an engine (engine side)."""
+    import socket
+    import sys as engine_sys
+
+    info: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
+    if "mpi4py.MPI" in engine_sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            info["mpi_rank"] = MPI.COMM_WORLD.Get_rank()
+            info["mpi_size"] = MPI.COMM_WORLD.Get_size()
+    return info
+
+
+# -- the caller side ----------------------------------------------------------------------------
+
+
+def _describe_call(fn: Callable[..., Any], args: tuple) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    inner = getattr(fn, "fn", None) or getattr(fn, "func", None)
+    if inner is not None:
+        name = f"{name}({getattr(inner, '__qualname__', type(inner).__name__)})"
+    text = ", ".join(repr(a) for a in args)
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{name}({text})"
+
+
+class _EngineFuture(Future):
+    """A ``concurrent.futures.Future`` fed by an ipyparallel ``AsyncResult``."""
+
+    def __init__(self, executor: IPyParallelExecutor, fn: Callable[..., Any], args: tuple):
+        super().__init__()
+        self._executor = executor
+        self._call: tuple | None = (fn, args)
+        self._async_result: Any = None
+
+    def cancel(self) -> bool:
+        ar = self._async_result
+        if ar is not None and not self.done() and not ar.done():
+            # Only tasks that have not started can be aborted; a running one finishes on its
+            # engine and its result is dropped.
+            with contextlib.suppress(Exception):
+                ar._client.abort(jobs=ar.msg_ids, block=False)
+        return super().cancel()
+
+    def _finish(self, *, result: Any = None, exception: BaseException | None = None) -> None:
+        self._call = None
+        with contextlib.suppress(Exception):  # already cancelled or set
+            if exception is not None:
+                self.set_exception(exception)
+            else:
+                self.set_result(result)
+
+    def _lost(self, reason: str) -> WorkerLostError:
+        fn, args = self._call if self._call is not None else (None, ())
+        parameters = None
+        if args and isinstance(args[-1], EvaluateContext):
+            parameters = args[-1].parameters
+        call = _describe_call(fn, args) if fn is not None else "a call"
+        return WorkerLostError(
+            f"{reason} while evaluating {call}; that evaluation was lost "
+            f"(parameters={parameters!r}). Restart the engines or the cluster and resume.",
+            parameters=parameters,
+        )
+
+    def _on_async_result_done(self, ar: Any) -> None:
+        """Runs in the ipyparallel client's IO thread."""
+        if self.done():
+            return
+        try:
+            status, value = ar.result()
+        except BaseException as exc:
+            self._finish(exception=self._executor._translate(exc, ar, self))
+            return
+        if status == _OK:
+            self._finish(result=value)
+        else:
+            engine_id = self._executor._engine_id_of(ar)
+            self._finish(
+                exception=failure_to_exception(
+                    value, f"ipyparallel engine {engine_id}", rank=engine_id
+                )
+            )
+
+
+class IPyParallelExecutor(Executor):
+    """Run calls on the engines of an ipyparallel cluster (load balanced).
+
+    Parameters
+    ----------
+    max_workers : int, optional
+        Number of engines to start. ``None``: ``os.cpu_count()``. When connecting, wait for at
+        least that many engines (``None``: at least one).
+    mpi : bool
+        Start the engines with ``mpiexec`` (the one next to ``sys.executable``) so that they
+        form one MPI world of size ``max_workers``. When connecting, require MPI engines.
+    profile : str, optional
+        Connect to the running cluster of this IPython profile (e.g. ``"default"``).
+    cluster_id : str, optional
+        Connect to the running cluster with this id (``ipcluster start --cluster-id=...``).
+    profile_dir : str or Path, optional
+        With ``profile`` or ``cluster_id``: where to look for the cluster's connection file.
+        Alone: start the cluster in this profile directory (kept afterwards). By default a
+        started cluster uses a throwaway directory that :meth:`shutdown` deletes.
+    timeout : float
+        Seconds to wait for the engines to register (and for connecting).
+    use_cloudpickle : bool
+        Serialise calls with cloudpickle (here and on the engines), so notebook lambdas and
+        closures work.
+    cluster_options : dict, optional
+        Extra keyword arguments for ``ipyparallel.Cluster`` when starting one.
+
+    Attributes
+    ----------
+    client : ipyparallel.Client
+        The connected client.
+    cluster : ipyparallel.Cluster or None
+        The cluster this executor started, ``None`` when it connected to a running one.
+    view : ipyparallel.LoadBalancedView
+        The view calls are submitted to.
+    engines : dict[int, dict]
+        Per engine id at start-up: ``pid``, ``host`` and, for MPI engines, ``mpi_rank`` and
+        ``mpi_size``.
+    mpi_size : int or None
+        The size of the engines' MPI world, ``None`` if the engines do not use MPI.
+
+    Raises
+    ------
+    ImportError
+        Without ipyparallel or cloudpickle (extra ``ipyparallel``).
+    TimeoutError
+        When the engines do not register within ``timeout``.
+
+    Examples
+    --------
+    Starting engines takes seconds, so this is not run as a doctest::
+
+        with IPyParallelExecutor(2) as ex:              # 2 local engines, stopped on exit
+            print(list(ex.map(lambda x: x * x, range(4))))
+        with IPyParallelExecutor(2, mpi=True) as ex:    # one MPI world of 2 engines
+            print(ex.mpi_size)
+        ex = IPyParallelExecutor(cluster_id="mycluster")  # `ipcluster start --cluster-id=...`
+        ex.shutdown()                                   # disconnects; the cluster keeps running
+
+    >>> IPyParallelExecutor.__mro__[1].__name__
+    'Executor'
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        mpi: bool = False,
+        profile: str | None = None,
+        cluster_id: str | None = None,
+        profile_dir: str | os.PathLike | None = None,
+        timeout: float = 60,
+        use_cloudpickle: bool = True,
+        cluster_options: dict | None = None,
+    ) -> None:
+        if max_workers is not None and (
+            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
+        ):
+            raise ValueError(
+                f"max_workers must be None or a positive int, got {max_workers!r}; "
+                "pass the number of engines, e.g. max_workers=2"
+            )
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        ipp = _require_ipyparallel()
+        self._ipp = ipp
+        self._lock = threading.Lock()
+        self._pending: set[_EngineFuture] = set()
+        self._shutdown = False
+        self._all_engines_lost = False
+        self.cluster: Any = None
+        self.client: Any = None
+        self.view: Any = None
+        self.engines: dict[int, dict] = {}
+        self.mpi_size: int | None = None
+        self._owned_profile_dir: str | None = None
+        self._mpi = bool(mpi)
+        self._finalizer: weakref.finalize | None = None
+
+        connect = profile is not None or cluster_id is not None
+        if connect:
+            if cluster_options:
+                raise TypeError(
+                    "cluster_options only apply when starting a cluster; remove them or drop "
+                    "profile=/cluster_id= to start a new cluster"
+                )
+            self._connect(profile, cluster_id, profile_dir, max_workers, timeout)
+        else:
+            n = max_workers if max_workers is not None else (os.cpu_count() or 1)
+            self._start(n, profile_dir, timeout, cluster_options or {})
+        try:
+            self._set_up(use_cloudpickle, timeout)
+        except BaseException:
+            self._stop(wait=False)
+            raise
+
+    # -- start / connect ----------------------------------------------------------------------
+
+    def _start(
+        self, n: int, profile_dir: str | os.PathLike | None, timeout: float, options: dict
+    ) -> None:
+        from traitlets.config import Config
+
+        if profile_dir is None:
+            profile_dir = self._owned_profile_dir = tempfile.mkdtemp(prefix="chemfit-ipp-")
+        config = Config()
+        # Pin the launcher to this environment's mpiexec: a different MPI on PATH would start
+        # n singletons of size 1 instead of one world.
+        config.MPIEngineSetLauncher.mpi_cmd = [str(Path(sys.executable).parent / "mpiexec")]
+        kwargs = {
+            "n": n,
+            "engines": "mpi" if self._mpi else "local",
+            "profile_dir": str(profile_dir),
+            "log_level": logging.ERROR,
+            "controller_args": [f"--HeartMonitor.period={_HEARTBEAT_MS}"],
+            "engine_timeout": int(timeout),
+            "config": config,
+        }
+        kwargs.update(options)
+        self.cluster = self._ipp.Cluster(**kwargs)
+        # Stops the cluster when this executor is garbage collected or at exit.
+        self._finalizer = weakref.finalize(
+            self, _stop_cluster, self.cluster, None, self._owned_profile_dir
+        )
+        logger.info(
+            "starting an ipyparallel cluster of %d %s engines in %s",
+            n,
+            "MPI" if self._mpi else "local",
+            profile_dir,
+        )
+        try:
+            self.client = self.cluster.start_and_connect_sync(n=n)
+            self.client.wait_for_engines(n, timeout=timeout, interactive=False, widget=False)
+        except BaseException:
+            self._stop(wait=False)
+            raise
+
+    def _connect(
+        self,
+        profile: str | None,
+        cluster_id: str | None,
+        profile_dir: str | os.PathLike | None,
+        max_workers: int | None,
+        timeout: float,
+    ) -> None:
+        kwargs: dict[str, Any] = {"timeout": timeout}
+        if profile is not None:
+            kwargs["profile"] = profile
+        if cluster_id is not None:
+            kwargs["cluster_id"] = cluster_id
+        if profile_dir is not None:
+            kwargs["profile_dir"] = str(profile_dir)
+        try:
+            self.client = self._ipp.Client(**kwargs)
+        except OSError as exc:  # no connection file
+            raise ValueError(
+                f"no running ipyparallel cluster found for profile={profile!r}, "
+                f"cluster_id={cluster_id!r}, profile_dir={profile_dir!r} ({exc}); start one with "
+                "`ipcluster start -n N [--cluster-id=ID]` or omit them to start a local cluster"
+            ) from exc
+        self._finalizer = weakref.finalize(self, _stop_cluster, None, self.client, None)
+        try:
+            self.client.wait_for_engines(
+                max_workers or 1, timeout=timeout, interactive=False, widget=False
+            )
+        except BaseException:
+            self._stop(wait=False)
+            raise
+        logger.info("connected to an ipyparallel cluster with %d engines", len(self.client.ids))
+
+    def _set_up(self, use_cloudpickle: bool, timeout: float) -> None:
+        everywhere = self.client[:]
+        if use_cloudpickle:
+            everywhere.use_cloudpickle().get(timeout=timeout)
+        self.engines = dict(
+            zip(everywhere.targets, everywhere.apply_async(_engine_info).get(timeout=timeout))
+        )
+        sizes = {info.get("mpi_size") for info in self.engines.values()}
+        self.mpi_size = sizes.pop() if len(sizes) == 1 else None
+        if self._mpi and self.mpi_size is None:
+            raise ValueError(
+                f"mpi=True, but the engines do not form one MPI world (engines: {self.engines}); "
+                "start the cluster with `ipcluster start --engines=mpi` or pass mpi=False"
+            )
+        self.view = self.client.load_balanced_view()
+        # A weak reference, so that the client does not keep this executor alive.
+        self.client._registration_callbacks.append(_weak_callback(self._on_registration_event))
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def n_engines(self) -> int:
+        """The number of engines registered now."""
+        if self.client is None or self.client._closed:
+            return 0
+        return len(self.client.ids)
+
+    @property
+    def owns_cluster(self) -> bool:
+        """Whether :meth:`shutdown` stops the cluster (it started it)."""
+        return self.cluster is not None
+
+    @property
+    def cluster_id(self) -> str | None:
+        """The id of the cluster this executor started, else ``None``."""
+        return None if self.cluster is None else self.cluster.cluster_id
+
+    @property
+    def engine_pids(self) -> list[int]:
+        """Process ids of the engines at start-up."""
+        return [info["pid"] for info in self.engines.values()]
+
+    # -- executor API -------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` on some engine; returns a ``concurrent.futures.Future``.
+
+        Raises
+        ------
+        RuntimeError
+            After :meth:`shutdown`.
+        WorkerLostError
+            When every engine of the cluster has died.
+        """
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to an IPyParallelExecutor after shutdown()")
+            if self._all_engines_lost and not self.client.ids:
+                raise WorkerLostError(
+                    "every engine of the ipyparallel cluster has died; no call can run. "
+                    "Restart the cluster (or the engines) and resume"
+                )
+            future = _EngineFuture(self, fn, args)
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        try:
+            ar = self.view.apply_async(RemoteCall(fn), *args, **kwargs)
+        except BaseException:
+            self._forget(future)
+            raise
+        future._async_result = ar
+        ar.add_done_callback(future._on_async_result_done)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like ``Executor.map``; ``chunksize`` calls go to an engine as one task."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, got {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        results = super().map(
+            partial(_run_chunk, fn), _chunks(zip(*iterables), chunksize), timeout=timeout
+        )
+        return itertools.chain.from_iterable(results)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop a cluster this executor started, or disconnect from one it connected to.
+
+        Parameters
+        ----------
+        wait : bool
+            Wait for the pending calls first.
+        cancel_futures : bool
+            Cancel the pending calls that have not started.
+
+        Calls still pending when the engines stop are cancelled. Calling it again does nothing.
+        """
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            wait_futures(pending)
+        self._stop(wait=wait)
+
+    def _stop(self, wait: bool) -> None:
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        for future in pending:
+            future.cancel()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close(linger=0)
+        if self._finalizer is not None:
+            self._finalizer()  # stops a cluster this executor started; runs only once
+
+    def __repr__(self) -> str:
+        if self.client is None:
+            return "IPyParallelExecutor(not connected)"
+        state = "shut down" if self._shutdown else f"{self.n_engines} engines"
+        kind = "started" if self.owns_cluster else "connected"
+        mpi = f", MPI world of {self.mpi_size}" if self.mpi_size else ""
+        return f"IPyParallelExecutor({state}, {kind}{mpi})"
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)  # type: ignore[arg-type]
+
+    def _engine_id_of(self, ar: Any) -> int | None:
+        with contextlib.suppress(Exception):
+            return self.client.metadata[ar.msg_ids[0]].get("engine_id")
+        return None
+
+    def _translate(self, exc: BaseException, ar: Any, future: _EngineFuture) -> BaseException:
+        """Turn an ipyparallel exception into a chemfit one."""
+        error = self._ipp.error
+        engine_id = self._engine_id_of(ar)
+        if isinstance(exc, error.EngineError) or getattr(exc, "ename", None) == "EngineError":
+            lost = future._lost(f"ipyparallel engine {engine_id} died")
+            lost.__cause__ = exc
+            return lost
+        if isinstance(exc, error.TaskAborted) or getattr(exc, "ename", None) == "TaskAborted":
+            return CancelledError(f"the call was aborted on ipyparallel engine {engine_id}")
+        if isinstance(exc, error.RemoteError):
+            remote_tb = exc.traceback
+            if isinstance(remote_tb, list):
+                remote_tb = "".join(remote_tb)
+            translated = RemoteEvaluationError(
+                f"{exc.ename} on ipyparallel engine {engine_id}: {exc.evalue}",
+                rank=engine_id,
+                type_name=str(exc.ename),
+                remote_message=str(exc.evalue),
+                remote_traceback=str(remote_tb or ""),
+            )
+            translated.__cause__ = exc
+            return translated
+        return exc
+
+    def _on_registration_event(self, event: dict) -> None:
+        """Runs in the client's IO thread when an engine registers or unregisters."""
+        if event.get("event") != "unregister":
+            return
+        logger.warning("ipyparallel engine %s unregistered (died or stopped)", event.get("id"))
+        if self.client.ids or self._shutdown:
+            return
+        # No engine left: calls waiting in the scheduler would wait forever.
+        self._all_engines_lost = True
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            if not future.done():
+                future._finish(exception=future._lost("every ipyparallel engine died"))
+
+
+def _weak_callback(method: Callable[[dict], None]) -> Callable[[dict], None]:
+    ref = weakref.WeakMethod(method)
+
+    def callback(event: dict) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(event)
+
+    return callback
+
+
+def _stop_cluster(cluster: Any, client: Any, profile_dir: str | None) -> None:
+    """Close a client, stop a cluster and delete a throwaway profile directory (idempotent)."""
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close(linger=0)
+    if cluster is not None and (cluster.controller is not None or cluster.engines):
+        try:
+            cluster.stop_cluster_sync()
+        except Exception:
+            logger.warning("stopping ipyparallel cluster %s failed", cluster, exc_info=True)
+    if profile_dir is not None:
+        shutil.rmtree(profile_dir, ignore_errors=True)

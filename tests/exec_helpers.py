@@ -1,0 +1,73 @@
+"""Module-level functions for the executor tests (picklable by the stdlib process pools)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from chemfit.execution.worker_marks import current_task_executor
+
+
+def record_square(x, ctx):
+    """Write parameters, loss and meta; also touch ``shared`` and ``temp``, which stay local."""
+    ctx.parameters = {"x": x}
+    ctx.loss = x * x
+    ctx.meta["pid"] = os.getpid()
+    ctx.meta["x_seen"] = x
+    ctx.meta["incoming_keys"] = sorted(k for k in ctx.meta if k not in ("pid", "x_seen"))
+    ctx.shared.mutated_by_worker = True
+    ctx.temp.scratch = "worker"
+    ctx.quantities = {"square": x * x}
+    return x * x
+
+
+def add_with_context(a, b, ctx):
+    ctx.loss = a + b
+    ctx.meta["sum"] = a + b
+    return a + b
+
+
+def fail_on_odd(x, ctx):
+    """Odd inputs raise ``ValueError`` (naming x); even ones record their square."""
+    if x % 2:
+        raise ValueError(f"odd input {x}")
+    return record_square(x, ctx)
+
+
+def raise_timeout_error(x, ctx):
+    raise TimeoutError(f"the objective itself timed out on {x}")
+
+
+def sleep_for(seconds, ctx):
+    time.sleep(seconds)
+    ctx.loss = seconds
+    ctx.meta["slept"] = seconds
+    return seconds
+
+
+def die_on(x, ctx, target=3):
+    """Kill the worker process on ``x == target``; other calls succeed quickly."""
+    if x == target:
+        time.sleep(0.2)  # let the other calls finish first
+        os._exit(1)
+    return record_square(x, ctx)
+
+
+def die_on_three(x, ctx):
+    return die_on(x, ctx, target=3)
+
+
+def task_executor_is_set(x, ctx):
+    """Whether the running task sees an executor mark (R11)."""
+    return current_task_executor() is not None
+
+
+def task_executor(x, ctx):
+    return current_task_executor()
+
+
+def unpicklable_result(x, ctx):
+    import threading
+
+    ctx.meta["lock"] = threading.Lock()
+    return x

@@ -1,0 +1,333 @@
+"""MPIWrapperCOB scenarios, run under ``mpiexec`` by ``tests/test_mpi_wrapper_cob.py``.
+
+Usage: ``mpiexec -n N python mpi_wrapper_scenarios.py SCENARIO``. Every rank builds the same
+objectives; rank 0 drives them and prints one JSON line ``RESULT {...}`` with what it observed,
+the other ranks serve in ``worker_loop()``. The serial reference values are computed on rank 0
+in the same process, so "equal to serial" means bitwise equal floats and equal ``repr`` of meta.
+
+A term's behaviour is steered by the parameters: ``params["fail"] = [term_index, kind]`` makes
+that term fail in the given way on whichever rank evaluates it; ``params["also_fail"]`` adds a
+second failing term.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from mpi4py import MPI
+
+from chemfit.core.combined import CombinedObjectiveFunction
+from chemfit.core.context import EvaluateContext
+from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError
+from chemfit.core.objectives import ObjectiveFunctor
+from chemfit.execution.mpi_wrapper_cob import MPIWrapperCOB
+
+WORLD = MPI.COMM_WORLD
+RANK = WORLD.Get_rank()
+
+
+class TermFailure(ValueError):
+    """A picklable exception raised by a term on request."""
+
+
+class UnpicklableFailure(RuntimeError):
+    """An exception that cannot be pickled (it holds a lock)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class SkipMe(Exception):
+    """Tells the scenario's exception handler to skip the term."""
+
+
+class Term(ObjectiveFunctor):
+    """A term with quantities, meta and failure modes; its value depends on its index."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
+        ctx = EvaluateContext() if ctx is None else ctx
+        ctx.parameters = parameters
+        fails = [parameters.get("fail"), parameters.get("also_fail")]
+        kind = next((f[1] for f in fails if f is not None and f[0] == self.index), None)
+        if kind is not None:
+            if kind == "raise":
+                raise TermFailure(f"term {self.index} failed on purpose")
+            if kind == "unpicklable":
+                raise UnpicklableFailure(f"term {self.index} raised an unpicklable error")
+            if kind == "meta":
+                ctx.meta["lock"] = threading.Lock()
+            if kind == "skip":
+                raise SkipMe(f"skip term {self.index}")
+        x = parameters["x"]
+        y = math.sin(x * (self.index + 1.1)) + 0.1 * (x - self.index) ** 2
+        ctx.quantities = {"y": y, "label": getattr(ctx.config, "label", None)}
+        ctx.meta["term"] = self.index
+        if parameters.get("record_pid"):
+            ctx.meta["pid"] = os.getpid()
+        ctx.loss = y * y + 0.3
+        return ctx.loss
+
+
+def configurator(idx_child_ctx, child_ctx, num_children, parent_ctx):
+    fail = (parent_ctx.parameters or {}).get("fail")
+    if fail is not None and fail[0] == "configurator":
+        raise TermFailure("the configurator failed on purpose")
+    child_ctx.config.label = f"{idx_child_ctx}/{num_children}"
+    child_ctx.meta["configured_idx"] = idx_child_ctx
+    parent_ctx.meta["configured"] = parent_ctx.meta.get("configured", 0) + 1
+
+
+def aggregator(terms, quantities, ctx):
+    if (ctx.parameters or {}).get("fail") == ["reduction", "raise"]:
+        raise TermFailure("the reduction failed on purpose")
+    ys = [0.0 if q is None else q["y"] for q in quantities]  # a nested COB has no quantities
+    return sum(t * (1.0 + 0.01 * y) for t, y in zip(terms, ys))
+
+
+def skip_handler(exception, ctx, idx):
+    if isinstance(exception, SkipMe):
+        return None
+    raise exception
+
+
+def make_cob(n_terms: int) -> CombinedObjectiveFunction:
+    """``n_terms`` terms; the second one (if any) is a nested COB of two terms."""
+    terms: list[Any] = []
+    for i in range(n_terms):
+        if i == 1:
+            inner = CombinedObjectiveFunction(
+                [Term(100), Term(101)], weights=[0.5, 1.5], child_context_configurator=configurator
+            )
+            terms.append(inner)
+        else:
+            terms.append(Term(i))
+    weights = [0.7 + 0.13 * i for i in range(n_terms)]
+    return CombinedObjectiveFunction(
+        terms,
+        weights=weights,
+        child_context_configurator=configurator,
+        reduction=aggregator,
+        exception_handler=skip_handler,
+    )
+
+
+# -- helpers used on rank 0 ---------------------------------------------------------------------
+
+
+def same_as_serial(mpi: MPIWrapperCOB, serial: CombinedObjectiveFunction, params: dict) -> dict:
+    ctx_serial, ctx_mpi = EvaluateContext(), EvaluateContext()
+    value_serial = serial(params, ctx_serial)
+    value_mpi = mpi(params, ctx_mpi)
+    return {
+        "value_serial": value_serial.hex(),
+        "value_mpi": float(value_mpi).hex(),
+        "meta_equal": repr(ctx_serial.meta) == repr(ctx_mpi.meta),
+        "loss_equal": ctx_serial.loss == ctx_mpi.loss,
+        "meta_mpi": repr(ctx_mpi.meta) if repr(ctx_serial.meta) != repr(ctx_mpi.meta) else "",
+        "meta_serial": repr(ctx_serial.meta)
+        if repr(ctx_serial.meta) != repr(ctx_mpi.meta)
+        else "",
+        "skipped": ctx_mpi.meta.get("skipped_indices"),
+        "n_terms": ctx_mpi.meta.get("n_terms"),
+    }
+
+
+def failure(mpi: MPIWrapperCOB, params: dict) -> dict:
+    """Call, expecting an exception; describe it."""
+    t0 = time.perf_counter()
+    try:
+        mpi(params, EvaluateContext())
+    except BaseException as exc:
+        cause = exc.__cause__
+        info = {
+            "type": type(exc).__name__,
+            "message": str(exc).splitlines()[0] if str(exc) else "",
+            "is_remote_error": isinstance(exc, RemoteEvaluationError),
+            "is_not_picklable": isinstance(exc, NotPicklableError),
+            "cause_type": type(cause).__name__ if cause is not None else None,
+            "seconds": time.perf_counter() - t0,
+        }
+        remote = exc if isinstance(exc, RemoteEvaluationError) else cause
+        if isinstance(remote, RemoteEvaluationError):
+            info.update(
+                rank=remote.rank,
+                term_index=remote.term_index,
+                type_name=remote.type_name,
+                remote_message=remote.remote_message,
+                has_traceback="Traceback" in remote.remote_traceback,
+            )
+        return info
+    return {"type": None}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_worker_cpu(mpi: MPIWrapperCOB, n_terms: int, rank: int) -> dict:
+    ctx = EvaluateContext()
+    mpi({"x": 0.5, "record_pid": True}, ctx)
+    start, end = list(slice_up(n_terms, mpi.size))[rank]
+    pid = ctx.meta["children"][start]["meta"]["pid"]
+    time.sleep(0.1)
+    before = cpu_seconds(pid)
+    time.sleep(1.0)
+    after = cpu_seconds(pid)
+    return {"pid_differs": pid != os.getpid(), "cpu_fraction": after - before}
+
+
+def slice_up(n, size):
+    from chemfit.execution.mpi_wrapper_cob import slice_up_range
+
+    return slice_up_range(n, size)
+
+
+def bytes_per_call(mpi: MPIWrapperCOB, n_calls: int) -> list[int]:
+    ctx = EvaluateContext()  # reused without reset: its meta grows "children" every call
+    sizes = []
+    for i in range(n_calls):
+        mpi({"x": 0.1 * i}, ctx)
+        sizes.append(mpi.last_call_bytes_sent)
+    return sizes
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def scenario_two_ranks() -> dict | None:
+    cob = make_cob(6)
+    # rank 1 builds a different objective for the term-count check
+    mismatched = make_cob(6 if RANK == 0 else 5)
+    with MPIWrapperCOB(cob) as mpi, MPIWrapperCOB(mismatched, mpi_debug_log=True) as bad:
+        if RANK != 0:
+            mpi.worker_loop()
+            bad.worker_loop()
+            return None
+        out: dict[str, Any] = {"size": mpi.size, "serialises_calls": mpi.serialises_calls}
+        serial = make_cob(6)
+        out["equal"] = [same_as_serial(mpi, serial, {"x": x}) for x in (0.3, 1.7, -2.2)]
+        out["skip"] = same_as_serial(mpi, serial, {"x": 0.9, "fail": [4, "skip"]})
+        out["raise_rank1"] = failure(mpi, {"x": 1.0, "fail": [4, "raise"]})
+        out["after_raise"] = same_as_serial(mpi, serial, {"x": 1.1})
+        out["unpicklable_rank1"] = failure(mpi, {"x": 1.0, "fail": [5, "unpicklable"]})
+        out["meta_rank1"] = failure(mpi, {"x": 1.0, "fail": [3, "meta"]})
+        out["raise_rank0"] = failure(mpi, {"x": 1.0, "fail": [0, "raise"]})
+        out["configurator"] = failure(mpi, {"x": 1.0, "fail": ["configurator", "raise"]})
+        out["reduction"] = failure(mpi, {"x": 1.0, "fail": ["reduction", "raise"]})
+        out["after_rank0_failures"] = same_as_serial(mpi, serial, {"x": 1.2})
+        out["bytes_per_call"] = bytes_per_call(mpi, 5)
+        out["idle"] = idle_worker_cpu(mpi, 6, 1)
+
+        # R10: concurrent callers are served one at a time, each with the serial value
+        params = [{"x": 0.05 * i} for i in range(12)]
+        expected = [serial(p).hex() for p in params]
+        got: dict[int, str] = {}
+
+        def work(indices):
+            for i in indices:
+                got[i] = mpi(params[i], EvaluateContext()).hex()
+
+        threads = [threading.Thread(target=work, args=(range(k, 12, 3),)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out["threads_equal"] = [got[i] for i in range(12)] == expected
+
+        mpi.release_workers()
+        mpi.release_workers()  # idempotent
+        out["released"] = True
+        try:
+            mpi({"x": 1.0})
+        except RuntimeError as exc:
+            out["after_release"] = str(exc)
+
+        records: list[str] = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+
+        logging.getLogger("chemfit.execution.mpi_wrapper_cob").addHandler(Collect())
+        out["mismatch"] = failure(bad, {"x": 1.0})
+        out["debug_log"] = [r for r in records if r.startswith("[Rank 0]")][:3]
+        return out
+
+
+def scenario_three_ranks() -> dict | None:
+    few, many = make_cob(2), make_cob(5)
+    with MPIWrapperCOB(few) as mpi_few, MPIWrapperCOB(many) as mpi:
+        if RANK != 0:
+            mpi_few.worker_loop()
+            mpi.worker_loop()
+            return None
+        out: dict[str, Any] = {"size": mpi.size}
+        serial_few, serial = make_cob(2), make_cob(5)
+        out["few_equal"] = [same_as_serial(mpi_few, serial_few, {"x": x}) for x in (0.4, 2.5)]
+        out["few_idle_rank2"] = mpi_few.last_call_bytes_sent
+        mpi_few.close()
+        # slices of 5 terms on 3 ranks: (0, 2), (2, 4), (4, 5)
+        out["equal"] = [same_as_serial(mpi, serial, {"x": x}) for x in (0.3, -1.4)]
+        out["raise_rank2"] = failure(mpi, {"x": 1.0, "fail": [4, "raise"]})
+        out["unpicklable_rank2"] = failure(mpi, {"x": 1.0, "fail": [4, "unpicklable"]})
+        out["raise_rank1"] = failure(mpi, {"x": 1.0, "fail": [3, "raise"]})
+        out["raise_rank1_and_rank2"] = failure(
+            mpi, {"x": 1.0, "fail": [4, "unpicklable"], "also_fail": [2, "raise"]}
+        )
+        out["raise_rank0_and_rank2"] = failure(
+            mpi, {"x": 1.0, "fail": [4, "raise"], "also_fail": [0, "raise"]}
+        )
+        out["meta_rank2"] = failure(mpi, {"x": 1.0, "fail": [4, "meta"]})
+        out["after_failures"] = same_as_serial(mpi, serial, {"x": 0.8})
+        out["raise_rank0"] = failure(mpi, {"x": 1.0, "fail": [0, "raise"]})
+        out["configurator"] = failure(mpi, {"x": 1.0, "fail": ["configurator", "raise"]})
+        out["reduction"] = failure(mpi, {"x": 1.0, "fail": ["reduction", "raise"]})
+        out["after_rank0_failures"] = same_as_serial(mpi, serial, {"x": 0.9})
+        out["skip_rank2"] = same_as_serial(mpi, serial, {"x": 0.9, "fail": [4, "skip"]})
+        return out
+
+
+def scenario_fitter() -> dict | None:
+    from chemfit.fitting.fitter import Fitter
+
+    def build():
+        return CombinedObjectiveFunction(
+            [Term(i) for i in range(4)], weights=[1.0, 0.5, 2.0, 1.5]
+        )
+
+    with MPIWrapperCOB(build()) as mpi:
+        if RANK != 0:
+            mpi.worker_loop()
+            return None
+        initial = {"x": 0.4}
+        fitted_mpi = Fitter(mpi, initial).fit_nevergrad(budget=20, optimizer_str="OnePlusOne")
+        serial_fitter = Fitter(build(), initial)
+        best_serial = serial_fitter.objective_function(fitted_mpi, EvaluateContext())
+        best_mpi = mpi(fitted_mpi, EvaluateContext())
+        return {
+            "fitted": fitted_mpi,
+            "finite": all(math.isfinite(v) for v in fitted_mpi.values()),
+            "value_equal": best_serial == best_mpi,
+        }
+
+
+SCENARIOS = {"two_ranks": scenario_two_ranks, "three_ranks": scenario_three_ranks, "fitter": scenario_fitter}
+
+
+if __name__ == "__main__":
+    result = SCENARIOS[sys.argv[1]]()
+    if RANK == 0:
+        print("RESULT " + json.dumps(result), flush=True)
