@@ -49,17 +49,28 @@ def _alt_map_chunksize(executor, xs, ctxs, chunksize):
     return results
 
 
-def _time_per_eval(run, executor, n, chunksize, repeats):
-    times = []
-    for _ in range(repeats):
-        xs = list(range(n))
-        ctxs = [EvaluateContext() for _ in range(n)]
-        start = time.perf_counter()
-        results = run(executor, xs, ctxs, chunksize)
-        times.append((time.perf_counter() - start) / n)
-        if results != xs:
-            raise RuntimeError(f"{run.__name__} returned wrong results")
-    return {"min": min(times), "median": statistics.median(times)}
+def _run_once(run, executor, n, chunksize):
+    xs = list(range(n))
+    ctxs = [EvaluateContext() for _ in range(n)]
+    start = time.perf_counter()
+    results = run(executor, xs, ctxs, chunksize)
+    elapsed = (time.perf_counter() - start) / n
+    if results != xs:
+        raise RuntimeError(f"{run.__name__} returned wrong results")
+    return elapsed
+
+
+def _compare(runs, executor, n, chunksize, repeats):
+    """Seconds per evaluation of each run; the runs alternate so they share the machine's load."""
+    times = {run.__name__: [] for run in runs}
+    for repeat in range(repeats):
+        order = runs if repeat % 2 == 0 else runs[::-1]
+        for run in order:
+            times[run.__name__].append(_run_once(run, executor, n, chunksize))
+    return {
+        name: {"min": min(values), "median": statistics.median(values)}
+        for name, values in times.items()
+    }
 
 
 def main() -> None:
@@ -75,8 +86,11 @@ def main() -> None:
         executor = make_executor(kind, max_workers=args.workers)
         _bare(executor, list(range(64)), [EvaluateContext() for _ in range(64)], 1)  # warm up
         for chunksize in (1, 64):
-            bare = _time_per_eval(_bare, executor, args.n, chunksize, args.repeats)
-            wrapped = _time_per_eval(_with_context, executor, args.n, chunksize, args.repeats)
+            runs = [_bare, _with_context]
+            if kind != "thread" and chunksize > 1:
+                runs.append(_alt_map_chunksize)
+            timing = _compare(runs, executor, args.n, chunksize, args.repeats)
+            bare, wrapped = timing["_bare"], timing["_with_context"]
             entry = {
                 "kind": kind,
                 "chunksize": chunksize,
@@ -85,9 +99,8 @@ def main() -> None:
                 "ratio_median": wrapped["median"] / bare["median"],
                 "ratio_min": wrapped["min"] / bare["min"],
             }
-            if kind != "thread" and chunksize > 1:
-                alt = _time_per_eval(_alt_map_chunksize, executor, args.n, chunksize, args.repeats)
-                entry["alt_map_chunksize_s_per_eval"] = alt
+            if "_alt_map_chunksize" in timing:
+                entry["alt_map_chunksize_s_per_eval"] = timing["_alt_map_chunksize"]
             report["runs"].append(entry)
         if kind != "loky":  # the reusable loky executor is left for loky to clean up
             executor.shutdown(wait=True)

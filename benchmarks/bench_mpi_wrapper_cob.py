@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from chemfit.core.objectives import ObjectiveFunctor
+
 
 def spin_cpu(seconds: float) -> None:
     end = time.process_time() + seconds
@@ -39,7 +41,7 @@ def spin_wall(seconds: float) -> None:
         pass
 
 
-class BusyTerm:
+class BusyTerm(ObjectiveFunctor):
     """A term doing ``seconds`` of CPU work; its value depends only on the parameters."""
 
     def __init__(self, index: int, seconds: float, cpu_clock: bool) -> None:
@@ -81,10 +83,9 @@ def run_mpi(repeats: int) -> None:
     from chemfit.execution.mpi_wrapper_cob import MPIWrapperCOB, slice_up_range
 
     def build(n_terms: int, seconds: float, cpu_clock: bool) -> CombinedObjectiveFunction:
-        return CombinedObjectiveFunction(
-            [BusyTerm(i, seconds, cpu_clock) for i in range(n_terms)]
-        )
+        return CombinedObjectiveFunction([BusyTerm(i, seconds, cpu_clock) for i in range(n_terms)])
 
+    # "cheap" comes last: its wrapper stays open for the idle measurement.
     cases = {"expensive": (8, 20e-3, True), "cheap": (100, 50e-6, False)}
     wrappers = {name: MPIWrapperCOB(build(*spec)) for name, spec in cases.items()}
     world = MPI.COMM_WORLD
@@ -113,6 +114,8 @@ def run_mpi(repeats: int) -> None:
             "slowdown": parallel["median"] / serial["median"],
             "bytes_per_call": mpi.last_call_bytes_sent,
         }
+        if name != "cheap":  # the workers serve the wrappers one after another
+            mpi.close()
 
     mpi = wrappers["cheap"]
     ctx = EvaluateContext()
@@ -123,8 +126,7 @@ def run_mpi(repeats: int) -> None:
     before = cpu_seconds(worker_pid)
     time.sleep(1.0)
     polling = cpu_seconds(worker_pid) - before
-    for wrapper in wrappers.values():
-        wrapper.close()
+    mpi.close()
     time.sleep(0.2)  # the workers are now blocked in world.recv
     before = cpu_seconds(worker_pid)
     time.sleep(1.0)
@@ -160,7 +162,15 @@ def main() -> int:
     under_mpi = any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
     if not under_mpi:
         return launch(args.ranks, args.repeats, args.timeout)
-    run_mpi(args.repeats)
+    try:
+        run_mpi(args.repeats)
+    except BaseException:
+        import traceback
+
+        from mpi4py import MPI
+
+        traceback.print_exc()
+        MPI.COMM_WORLD.Abort(1)  # do not leave the other ranks waiting
     return 0
 
 

@@ -37,13 +37,10 @@ def build_objective(seed: int = 0) -> CombinedObjectiveFunction:
     rng = np.random.default_rng(seed)
     terms = []
     for distance in DISTANCES:
-        reference = dimer_energy(TRUE_PARAMETERS, distance=float(distance))["energy"]
+        computer = dimer_energy.bind(distance=float(distance))
+        reference = computer(TRUE_PARAMETERS)["energy"]
         reference += rng.normal(scale=1e-4)
-        terms.append(
-            dimer_energy.bind(distance=float(distance)).with_loss(
-                squared_error, reference=reference
-            )
-        )
+        terms.append(computer.with_loss(squared_error, reference=reference))
     return CombinedObjectiveFunction(terms)
 
 

@@ -17,7 +17,8 @@ from chemfit.core.objectives import ObjectiveFunctor, ensure_context
 # Weights and slopes with many significant bits, so that summing the terms in another order
 # changes the last bits of the total (the bitwise tests can fail).
 SLOPES = [0.1 * (k + 1) + 1e-3 * k * k for k in range(12)]
-WEIGHTS = [1.0 / (k + 3) for k in range(12)]
+# (found by search: reversing the sum of the first 7 terms changes the result)
+WEIGHTS = [1.651, 2.254, 2.244, 2.596, 0.865, 2.897, 1.705, 2.245, 2.267, 2.788, 0.83, 1.106]
 PARAMS = {"x": 0.7310585786300049, "y": {"z": -1.25}}
 
 
@@ -163,9 +164,11 @@ class ForeignExecutor:
         self._pool = ThreadPoolExecutor(max_workers)
         self._max_workers = max_workers
         self.n_submitted = 0
+        self.first_args: list = []
 
     def submit(self, fn, /, *args, **kwargs):
         self.n_submitted += 1
+        self.first_args.append(args[0] if args else None)
         return self._pool.submit(fn, *args, **kwargs)
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):

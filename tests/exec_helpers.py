@@ -48,7 +48,7 @@ def sleep_for(seconds, ctx):
 def die_on(x, ctx, target=3):
     """Kill the worker process on ``x == target``; other calls succeed quickly."""
     if x == target:
-        time.sleep(0.2)  # let the other calls finish first
+        time.sleep(0.5)  # let the other calls finish (and their results arrive) first
         os._exit(1)
     return record_square(x, ctx)
 
@@ -71,3 +71,31 @@ def unpicklable_result(x, ctx):
 
     ctx.meta["lock"] = threading.Lock()
     return x
+
+
+class ForeignFuture:
+    """A future that is not a ``concurrent.futures.Future`` (only ``result`` and ``cancel``)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def result(self, timeout=None):
+        return self._inner.result(timeout)
+
+    def cancel(self):
+        return self._inner.cancel()
+
+
+class ForeignExecutor:
+    """A minimal ``ExecutorLike`` over a thread pool whose futures ``cf.wait`` cannot handle."""
+
+    def __init__(self, pool):
+        self._pool = pool
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.submitted += 1
+        return ForeignFuture(self._pool.submit(fn, *args, **kwargs))
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        return self._pool.map(fn, *iterables, timeout=timeout)

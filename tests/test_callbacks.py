@@ -437,3 +437,113 @@ def test_contract_module_path():
         assert getattr(shim, name) is not None
     assert shim.JSONLinesHistory is JSONLinesHistory
     assert shim.load_observations is load_observations
+
+
+# -- with the real Fitter ---------------------------------------------------------------------
+
+
+class FailAfter:
+    """A quadratic objective that raises once it has been called ``n_ok`` times."""
+
+    def __init__(self, n_ok=None):
+        self.n_ok = n_ok
+        self.calls = 0
+
+    def __call__(self, params):
+        if self.n_ok is not None and self.calls >= self.n_ok:
+            raise RuntimeError("cluster job killed")
+        self.calls += 1
+        return (params["x"] - 1.0) ** 2 + (params["lj"]["eps"] - 0.25) ** 2
+
+
+INITIAL = {"x": -2.0, "lj": {"eps": 2.0}}
+BOUNDS = {"x": (-3.0, 3.0), "lj": {"eps": (0.0, 3.0)}}
+
+
+@pytest.mark.timeout(120)
+def test_interrupted_fit_resumes_from_jsonl_history(tmp_path):
+    from chemfit.fitting.fitter import Fitter
+
+    path = tmp_path / "run" / "fit.jsonl"
+    fitter = Fitter(FailAfter(n_ok=12), INITIAL, bounds=BOUNDS)
+    history = JSONLinesHistory(path)
+    fitter.register_evaluation_callback(history)
+    with pytest.raises(RuntimeError, match="cluster job killed"):
+        fitter.fit_nevergrad(budget=40, optimizer_str="OnePlusOne", seed=0)
+    assert fitter.result.error.startswith("RuntimeError")
+
+    observations = load_observations(path)
+    assert len(observations) == 12
+    assert observations[0] == (INITIAL, pytest.approx(9.0 + 1.75**2))  # initial params first
+    first_best = min(loss for _, loss in observations)
+    assert first_best == pytest.approx(fitter.result.best_loss)
+
+    # resume as in the documentation: same callback, observations from the file
+    resumed = Fitter(FailAfter(), INITIAL, bounds=BOUNDS)
+    resumed.register_evaluation_callback(history)
+    resumed.fit_nevergrad(
+        budget=20, optimizer_str="OnePlusOne", seed=1, initial_observations=observations
+    )
+    result = resumed.result
+    assert result.n_observations == 12
+    assert result.n_evals == 20
+    assert resumed.contexts[0].n_evals == 32  # observations count in contexts[0]
+    assert result.best_loss <= first_best
+    # the evaluation callback skips replayed observations: 12 old + 20 new lines
+    assert len(load_observations(path)) == 32
+
+
+@pytest.mark.timeout(120)
+def test_resumed_fit_keeps_the_observed_best(tmp_path):
+    from chemfit.fitting.fitter import Fitter
+
+    path = tmp_path / "fit.jsonl"
+    fitter = Fitter(FailAfter(n_ok=15), INITIAL, bounds=BOUNDS)
+    fitter.register_evaluation_callback(JSONLinesHistory(path, append=False))
+    with pytest.raises(RuntimeError):
+        fitter.fit_nevergrad(budget=30, optimizer_str="OnePlusOne", seed=2)
+    observations = load_observations(path)
+    best_params, best_loss = min(observations, key=lambda o: o[1])
+    assert best_loss < 9.0 + 1.75**2  # the first fit made progress
+
+    # a one-evaluation resume only evaluates the (bad) initial parameters: its best must be
+    # the best observation, which proves the observations were counted
+    resumed = Fitter(FailAfter(), INITIAL, bounds=BOUNDS)
+    resumed.fit_nevergrad(
+        budget=1, optimizer_str="OnePlusOne", seed=0, initial_observations=observations
+    )
+    assert resumed.result.n_observations == 15 and resumed.result.n_evals == 1
+    assert resumed.result.best_loss == pytest.approx(best_loss)
+    assert resumed.result.best_parameters == best_params
+
+
+@pytest.mark.timeout(120)
+def test_step_callbacks_in_a_real_fit(tmp_path):
+    from chemfit.fitting.fitter import Fitter
+
+    def objective(params, ctx):
+        ctx.meta["arrays"] = {"grid": np.linspace(0.0, 1.0, 3), "n": np.int64(3)}
+        loss = (params["x"] - 1.0) ** 2 + (params["lj"]["eps"] - 0.25) ** 2
+        ctx.loss = loss
+        return loss
+
+    fitter = Fitter(objective, INITIAL, bounds=BOUNDS)
+    checkpoint = CheckpointBestParameters(tmp_path / "ckpt" / "best.json")
+    fitter.register_callback(log_progress)
+    fitter.register_callback(SaveMetaData(tmp_path / "meta" / "nested"), n_steps=3)
+    fitter.register_callback(checkpoint)
+    fitter.fit_nevergrad(budget=12, optimizer_str="OnePlusOne", num_workers=2, seed=0)
+
+    data = json.loads((tmp_path / "ckpt" / "best.json").read_text())
+    assert set(data) == {"step", "loss", "parameters", "meta"}
+    assert data["loss"] == pytest.approx(fitter.result.best_loss)
+    assert data["parameters"] == fitter.result.best_parameters
+    assert data["meta"]["arrays"] == {"grid": [0.0, 0.5, 1.0], "n": 3}
+    assert checkpoint.best_loss == pytest.approx(fitter.result.best_loss)
+
+    # 12 evaluations in batches of 2 = steps 0..5; SaveMetaData fires at steps 0 and 3
+    names = sorted(p.name for p in (tmp_path / "meta" / "nested").iterdir())
+    assert names == [f"step_{s}_ctx_{i}.json" for s in (0, 3) for i in (0, 1)]
+    saved = json.loads((tmp_path / "meta" / "nested" / "step_3_ctx_1.json").read_text())
+    assert saved["meta"]["arrays"]["grid"] == [0.0, 0.5, 1.0]
+    assert set(saved) == {"quantities", "parameters", "loss", "meta"}

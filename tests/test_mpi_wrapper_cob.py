@@ -7,6 +7,7 @@ group, so a hang fails the test instead of leaving ranks behind.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -39,7 +40,9 @@ pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="the venv has no mp
 
 def run_scenario(name: str, n_ranks: int, timeout: float = 30.0) -> dict:
     """Run a scenario under ``mpiexec -n n_ranks``; return rank 0's JSON result."""
-    env = dict(os.environ, PYTHONPATH=str(CHEMFIT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, PYTHONPATH=str(CHEMFIT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     proc = subprocess.Popen(
         [str(MPIEXEC), "-n", str(n_ranks), sys.executable, str(SCRIPT), name],
         stdout=subprocess.PIPE,
@@ -118,6 +121,14 @@ def test_two_ranks_remote_exceptions_reach_rank_0(two_ranks):
 
     assert_serial(two_ranks["after_raise"], 6)
 
+    # a request rank 1 cannot load, a reply rank 0 cannot load
+    request = two_ranks["request_unloadable"]
+    assert request["type"] == "NotPicklableError" and request["rank"] == 1
+    assert "could not be unpickled on rank 1" in request["message"]
+    reply = two_ranks["reply_unloadable"]
+    assert reply["type"] == "NotPicklableError" and reply["rank"] == 1
+    assert "could not be unpickled on rank 0" in reply["message"]
+
 
 @pytest.mark.mpi
 @pytest.mark.timeout(60)
@@ -127,6 +138,9 @@ def test_two_ranks_rank_0_failures_keep_ranks_in_step(two_ranks):
     assert two_ranks["configurator"]["message"] == "the configurator failed on purpose"
     assert two_ranks["reduction"]["message"] == "the reduction failed on purpose"
     assert_serial(two_ranks["after_rank0_failures"], 6)
+    # rank 0 interrupted while waiting: the next call drains the late reply first
+    assert two_ranks["interrupted"] == "interrupted while waiting"
+    assert_serial(two_ranks["after_interrupt"], 6)
 
 
 @pytest.mark.mpi
@@ -185,13 +199,19 @@ def test_three_ranks_errors(three_ranks):
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_fitter_on_rank_0():
     pytest.importorskip("chemfit.fitting.fitter")
-    result = run_scenario("fitter", 2)
+    result = run_scenario("fitter", 2, timeout=50.0)  # importing nevergrad takes most of it
     assert result["finite"]
     assert set(result["fitted"]) == {"x"}
     assert result["value_equal"]
+    # R10: a threaded fit (num_workers=2) on the wrapper works and says it is serialised
+    assert result["threads_finite"]
+    assert result["threads_best_equal"]
+    assert result["threads_n_evals"] == 20
+    assert result["serialised_info"]
 
 
 # -- in-process unit tests ------------------------------------------------------------------------
@@ -203,7 +223,7 @@ def test_slice_up_range_is_balanced_and_contiguous(n, n_ranks):
     slices = list(slice_up_range(n, n_ranks))
     assert len(slices) == n_ranks
     assert slices[0][0] == 0 and slices[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))
     sizes = [end - start for start, end in slices]
     assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)
@@ -240,7 +260,9 @@ def test_single_rank_equals_serial_and_rejects_worker_loop():
 
     def build():
         return CombinedObjectiveFunction(
-            [term(k) for k in range(4)], weights=[0.1, 0.2, 0.3, 0.4], child_context_configurator=configurator
+            [term(k) for k in range(4)],
+            weights=[0.1, 0.2, 0.3, 0.4],
+            child_context_configurator=configurator,
         )
 
     ctx_serial, ctx_mpi = EvaluateContext(), EvaluateContext()
@@ -257,9 +279,9 @@ def test_single_rank_equals_serial_and_rejects_worker_loop():
 
 
 def test_empty_cob_raises_value_error():
-    with MPIWrapperCOB(CombinedObjectiveFunction([]), comm=MPI.COMM_SELF) as mpi:
-        with pytest.raises(ValueError, match="no terms"):
-            mpi({"x": 1.0})
+    cob = CombinedObjectiveFunction([])
+    with MPIWrapperCOB(cob, comm=MPI.COMM_SELF) as mpi, pytest.raises(ValueError, match="no terms"):
+        mpi({"x": 1.0})
 
 
 def test_contract_path_reexports():

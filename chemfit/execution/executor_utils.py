@@ -366,15 +366,21 @@ def _call_parameters(call: tuple) -> Any:
     return parameters
 
 
-def _translate(exc: BaseException, index: int, call: tuple, executor: Any) -> BaseException:
-    """The exception to raise for call ``index``: WorkerLostError, NotPicklableError or ``exc``."""
+def _translate(
+    exc: BaseException, index: int, call: tuple, executor: Any, last: int | None = None
+) -> BaseException:
+    """The exception to raise for call ``index``: WorkerLostError, NotPicklableError or ``exc``.
+
+    ``last`` is the last call of the task when ``index`` is the first call of a chunk.
+    """
     if _is_lost_worker(exc):
         parameters = _call_parameters(call)
+        in_task = f" (in the task with calls {index}..{last})" if last not in (None, index) else ""
         error: BaseException = WorkerLostError(
             f"a worker of {type(executor).__name__} died while evaluating call {index} with "
-            f"parameters {_short_repr(parameters, 200)} ({type(exc).__name__}: {exc}). The "
-            "states of the calls that completed were applied to their contexts; create a new "
-            "executor to continue",
+            f"parameters {_short_repr(parameters, 200)}{in_task} ({type(exc).__name__}: "
+            f"{exc}). The states of the calls that completed were applied to their contexts; "
+            "create a new executor to continue",
             index=index,
             parameters=parameters,
         )
@@ -532,6 +538,7 @@ def map_with_context(
 
     results: list[Any] = [None] * n_calls
     failures: list[tuple[int, BaseException]] = []
+    last_of_task: dict[int, int] = {}  # first call of a failed chunk -> its last call
     finished = False
     try:
         for number, future in enumerate(futures):
@@ -553,6 +560,8 @@ def map_with_context(
                         "not started were cancelled"
                     ) from None
                 failures.append((number * chunksize, exc))
+                if chunked:
+                    last_of_task[number * chunksize] = min(n_calls, (number + 1) * chunksize) - 1
             else:
                 if chunked:
                     _absorb_batch(output, number * chunksize, ctx_list, results, failures)
@@ -567,7 +576,7 @@ def map_with_context(
             _cancel(futures)
     if failures:
         index, exc = min(failures, key=lambda item: item[0])
-        raise _translate(exc, index, calls[index], executor)
+        raise _translate(exc, index, calls[index], executor, last_of_task.get(index))
     return results
 
 

@@ -80,28 +80,36 @@ _worker_cache_lock = threading.Lock()
 
 
 class _ShippedCOB:
-    """A pickled combined objective and its content hash.
+    """A pickled combined objective (or only its content hash) for worker processes.
 
     A worker process unpickles it once and keeps it (a few per process) under its hash, so
     later tasks and later calls with an unchanged objective reuse the same object, including
-    any caches its terms hold.
+    any caches its terms hold. Once an executor has received an objective, tasks carry only
+    the hash (``data=None``); a worker that does not have it answers with a miss and the task
+    is sent again with the data.
     """
 
     __slots__ = ("data", "token")
 
-    def __init__(self, token: bytes, data: bytes) -> None:
+    def __init__(self, token: bytes, data: bytes | None) -> None:
         self.token = token
         self.data = data
 
     def __reduce__(self):
         return (_ShippedCOB, (self.token, self.data))
 
+    def without_data(self) -> _ShippedCOB:
+        return _ShippedCOB(self.token, None)
+
     def load(self) -> Any:
+        """The objective from this process's cache, else unpickled; ``None`` on a miss."""
         with _worker_cache_lock:
             cob = _worker_cache.get(self.token)
             if cob is not None:
                 _worker_cache.move_to_end(self.token)
                 return cob
+        if self.data is None:
+            return None
         cob = pickle.loads(self.data)
         with _worker_cache_lock:
             _worker_cache[self.token] = cob
@@ -110,13 +118,41 @@ class _ShippedCOB:
         return cob
 
 
+def _dumps_for_workers(obj: Any) -> bytes:
+    """Pickle ``obj`` for an executor that itself uses cloudpickle (loky, Dask, ipyparallel).
+
+    Plain :mod:`pickle` is tried first (about three times faster). Objects it cannot pickle,
+    and objects defined in ``__main__`` (which a worker may not be able to import), go through
+    cloudpickle when it is installed, which sends them by value.
+    """
+    try:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        data = None
+    if data is not None and b"__main__" not in data:
+        return data
+    try:
+        import cloudpickle
+    except ImportError:
+        if data is None:
+            raise
+        return data
+    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _uses_cloudpickle(executor: Any) -> bool:
+    """Whether ``executor`` is a loky executor (which sends everything with cloudpickle)."""
+    return any(cls.__module__.partition(".")[0] == "loky" for cls in type(executor).__mro__)
+
+
 def _ship(cob: Any, executor: Any) -> Any:
     """What a task carries to name the objective: a :class:`_ShippedCOB`, or ``cob`` itself.
 
     A stdlib process pool pickles with :mod:`pickle`, so that is what is used for it; a failure
     raises :class:`NotPicklableError` before anything is submitted (R18). Other executors get
-    cloudpickle when it is installed (what loky, Dask and ipyparallel use). When that fails too,
-    the objective is handed to the executor as it is, which may have its own serializer.
+    cloudpickle where plain pickle is not enough (see :func:`_dumps_for_workers`); when that
+    fails too, loky raises :class:`NotPicklableError` as well, and any other executor is handed
+    the objective as it is, since it may have a serializer of its own.
     """
     if _is_stdlib_process_pool(executor):
         try:
@@ -129,14 +165,15 @@ def _ship(cob: Any, executor: Any) -> Any:
             ) from exc
     else:
         try:
-            import cloudpickle
-
-            dumps = cloudpickle.dumps
-        except ImportError:
-            dumps = pickle.dumps
-        try:
-            data = dumps(cob, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
+            data = _dumps_for_workers(cob)
+        except Exception as exc:
+            if _uses_cloudpickle(executor):
+                raise NotPicklableError(
+                    f"{type(executor).__name__} cannot pickle the combined objective "
+                    f"{_short_repr(cob)}, not even with cloudpickle: {type(exc).__name__}: "
+                    f"{exc}. Use a thread pool, or keep locks, open files and similar "
+                    "resources out of the objective (create them lazily in the worker)."
+                ) from exc
             logger.debug(
                 "could not pre-pickle %r; handing it to %s as it is",
                 cob,
@@ -147,6 +184,40 @@ def _ship(cob: Any, executor: Any) -> Any:
     return _ShippedCOB(hashlib.blake2b(data, digest_size=16).digest(), data)
 
 
+class _PackedChildren:
+    """Freshly configured child contexts in a compact form for another process.
+
+    Carries what ``EvaluateContext.__getstate__`` would (parameters, config and meta of each
+    child, and the ``shared`` namespace once), in fewer objects, which pickles faster.
+    """
+
+    __slots__ = ("items", "shared")
+
+    def __init__(self, shared: Any, items: list[tuple]) -> None:
+        self.shared = shared
+        self.items = items
+
+    def __reduce__(self):
+        return (_PackedChildren, (self.shared, self.items))
+
+    @classmethod
+    def pack(cls, children: list[EvaluateContext]) -> _PackedChildren | list[EvaluateContext]:
+        """Packed children, or ``children`` as they are when they are not plain contexts."""
+        shared = children[0].shared
+        if any(type(c) is not EvaluateContext or c.shared is not shared for c in children):
+            return children
+        return cls(shared, [(c.parameters, c.config, c.meta) for c in children])
+
+    def unpack(self) -> list[EvaluateContext]:
+        children = []
+        for parameters, config, meta in self.items:
+            child = EvaluateContext(config=config, shared=self.shared)
+            child.parameters = parameters
+            child.meta = meta
+            children.append(child)
+        return children
+
+
 # -- the task -------------------------------------------------------------------------------------
 
 
@@ -154,12 +225,13 @@ def _evaluate_chunk(
     cob: Any,
     parameters: dict,
     indices: Sequence[int],
-    children: Sequence[EvaluateContext],
+    children: Sequence[EvaluateContext] | _PackedChildren,
     remote: bool,
-) -> tuple[list, list | None, list[float], tuple | None]:
+) -> tuple[list, list | None, list[float], tuple | None] | None:
     """Evaluate the terms ``indices`` in their child contexts, in order.
 
-    Returns ``(values, states, seconds, failure)``. ``states`` holds the result state of every
+    Returns ``None`` when ``cob`` is a hash this worker process does not know, else
+    ``(values, states, seconds, failure)``. ``states`` holds the result state of every
     term attempted (``None`` when the task runs in the caller's process, where the children are
     the caller's own objects). ``failure`` is ``None`` or ``(position, exception, traceback
     text)`` for a term whose exception handler raised; the terms after it are not run, as in a
@@ -167,6 +239,10 @@ def _evaluate_chunk(
     """
     if isinstance(cob, _ShippedCOB):
         cob = cob.load()
+        if cob is None:
+            return None
+    if isinstance(children, _PackedChildren):
+        children = children.unpack()
     values: list = []
     states: list | None = [] if remote else None
     seconds: list[float] = []
@@ -242,9 +318,7 @@ def _auto_chunks(seconds: Sequence[float], n_workers: int) -> list[list[int]]:
     chunks = expensive
     if cheap:
         cheap_total = sum(seconds[i] for i in cheap)
-        n_groups = max(
-            1, min(n_workers, len(cheap), math.floor(cheap_total / _MIN_TASK_SECONDS))
-        )
+        n_groups = max(1, min(n_workers, len(cheap), math.floor(cheap_total / _MIN_TASK_SECONDS)))
         chunks = expensive + _split_balanced(cheap, seconds, n_groups)
     chunks.sort(key=lambda chunk: -sum(seconds[i] for i in chunk))
     return chunks
@@ -289,9 +363,7 @@ def _check_terms_per_task(value: Any) -> int | Literal["auto"]:
             f"({type(value).__name__}); use 'auto' or e.g. 1"
         )
     if value < 1:
-        raise ValueError(
-            f"terms_per_task must be >= 1, got {value}; use 1 for one task per term"
-        )
+        raise ValueError(f"terms_per_task must be >= 1, got {value}; use 1 for one task per term")
     return value
 
 
@@ -346,12 +418,17 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
       ``cob.evaluate_term`` does serially; what they write into the child context comes back.
       When a handler re-raises, the other tasks still finish, their children are applied, and
       the exception of the lowest term index is raised (with the worker's traceback as its
-      ``__cause__`` when it came from another process).
+      ``__cause__`` when it came from another process). A handler's log lines (e.g. the
+      WARNING of ``nan_exception_handler``) are emitted in the process that ran the term.
+    * **Other processes.** The objective is pickled once per call and each worker process
+      keeps the last few it received under their content hash; once an executor has the
+      current objective, tasks carry only the hash. A changed objective (new weights, terms,
+      ...) has another hash, so workers never use a stale copy.
     * **Pickling.** The wrapper is picklable; the executor and the pool are dropped, so an
-      unpickled copy uses ``ctx.executor`` or its own thread pool. A stdlib process pool that
-      cannot pickle the objective raises :class:`~chemfit.core.exceptions.NotPicklableError`
-      before anything is submitted (R18); a dead worker process raises
-      :class:`~chemfit.core.exceptions.WorkerLostError`.
+      unpickled copy uses ``ctx.executor`` or its own thread pool. A process pool (stdlib or
+      loky) that cannot pickle the objective raises
+      :class:`~chemfit.core.exceptions.NotPicklableError` before anything is submitted (R18);
+      a dead worker process raises :class:`~chemfit.core.exceptions.WorkerLostError`.
 
     Examples
     --------
@@ -378,8 +455,28 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         _check_cob(cob)
         self.cob = cob
         self.executor = as_executor(executor)
-        self.terms_per_task = _check_terms_per_task(terms_per_task)
+        self.terms_per_task = terms_per_task
         self._init_runtime_state()
+
+    @property
+    def terms_per_task(self) -> int | Literal["auto"]:
+        """Terms per task: a positive int, or ``"auto"``; checked on assignment.
+
+        Examples
+        --------
+        >>> from chemfit.core.combined import CombinedObjectiveFunction
+        >>> wrapped = ExecutorWrapperCOB(CombinedObjectiveFunction([lambda p: 1.0]))
+        >>> wrapped.terms_per_task = 4
+        >>> wrapped.terms_per_task = 0
+        Traceback (most recent call last):
+        ...
+        ValueError: terms_per_task must be >= 1, got 0; use 1 for one task per term
+        """
+        return self._terms_per_task
+
+    @terms_per_task.setter
+    def terms_per_task(self, value: int | Literal["auto"]) -> None:
+        self._terms_per_task = _check_terms_per_task(value)
 
     def _init_runtime_state(self) -> None:
         self._lock = threading.Lock()
@@ -387,6 +484,9 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         self._finalizer: weakref.finalize | None = None
         self._inline_logged = False
         self._times = _TermTimes()
+        # (id(executor), hash) of the objective last sent with its data: a hint that the
+        # workers have it, so tasks can carry the hash alone
+        self._shipped_to: tuple[int, bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -422,7 +522,7 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
 
     def __setstate__(self, state: dict) -> None:
         self.cob = state["cob"]
-        self.terms_per_task = state["terms_per_task"]
+        self._terms_per_task = state["terms_per_task"]
         self.executor = None
         self._init_runtime_state()
 
@@ -480,8 +580,9 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         )
 
     def _plan(self, n_terms: int, executor: Any) -> list[list[int]]:
-        if self.terms_per_task != "auto":
-            return _fixed_chunks(n_terms, self.terms_per_task)
+        terms_per_task = self.terms_per_task
+        if terms_per_task != "auto":
+            return _fixed_chunks(n_terms, terms_per_task)
         seconds = self._times.estimates(n_terms)
         if seconds is None:
             return _fixed_chunks(n_terms, 1)
@@ -498,21 +599,38 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         n_terms: int,
     ) -> list[float | None]:
         task = MarkedCall(_evaluate_chunk, executor)
-        futures = _submit_all(
-            executor,
-            task,
-            [(shipped, parameters, chunk, [children[i] for i in chunk], remote) for chunk in chunks],
-        )
+        first = shipped
+        if isinstance(shipped, _ShippedCOB):
+            with self._lock:
+                if self._shipped_to == (id(executor), shipped.token):
+                    first = shipped.without_data()
+
+        def task_args(chunk: list[int], cob: Any) -> tuple:
+            chunk_children = [children[i] for i in chunk]
+            if remote:
+                chunk_children = _PackedChildren.pack(chunk_children)
+            return (cob, parameters, chunk, chunk_children, remote)
+
+        futures = _submit_all(executor, task, [task_args(chunk, first) for chunk in chunks])
+        pending = deque(zip(chunks, futures))
         terms: list[float | None] = [None] * n_terms
         failures: list[tuple[int, BaseException]] = []
         finished = False
         try:
-            for chunk, future in zip(chunks, futures):
+            while pending:
+                chunk, future = pending.popleft()
                 try:
-                    values, states, seconds, failure = future.result()
+                    output = future.result()
                 except Exception as exc:
                     failures.append((chunk[0], self._translate(exc, chunk, parameters, executor)))
                     continue
+                if output is None:  # that worker lacks the objective: send it this time
+                    logger.debug("resending terms %s with the objective's data", chunk)
+                    (retry,) = _submit_all(executor, task, [task_args(chunk, shipped)])
+                    futures.append(retry)
+                    pending.append((chunk, retry))
+                    continue
+                values, states, seconds, failure = output
                 if states is not None:
                     for idx, state in zip(chunk, states):
                         children[idx].apply_result_state(state)
@@ -526,6 +644,9 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         finally:
             if not finished:  # KeyboardInterrupt and the like: drop what has not started
                 _cancel(futures)
+        if isinstance(shipped, _ShippedCOB) and not failures:
+            with self._lock:
+                self._shipped_to = (id(executor), shipped.token)
         if failures:
             raise min(failures, key=lambda item: item[0])[1]
         return terms

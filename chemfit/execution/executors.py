@@ -252,6 +252,11 @@ def as_executor(obj: Any) -> ExecutorLike | None:
         return obj.client.executor(targets=obj.targets)
     if ("ipyparallel", "View") in names and _is_executor_like(getattr(obj, "executor", None)):
         return obj.executor
+    if isinstance(obj, type):
+        raise TypeError(
+            f"executor must be an executor instance, got the class {obj.__name__}; "
+            f"create one first, e.g. {obj.__name__}(max_workers=2), or use make_executor(kind)"
+        )
     if _is_executor_like(obj):
         return obj
     text = repr(obj)

@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -41,9 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from chemfit.core.context import EvaluateContext
-from chemfit.core.exceptions import RemoteEvaluationError, WorkerLostError
+from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError, WorkerLostError
 
-__all__ = ["IPyParallelExecutor", "RemoteCall", "failure_to_exception"]
+__all__ = [
+    "IPyParallelExecutor",
+    "RemoteCall",
+    "failure_to_exception",
+    "translate_engine_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +207,12 @@ def _engine_info() -> dict:
 
 
 # -- the caller side ----------------------------------------------------------------------------
+
+
+def _is_pickling_error(exc: BaseException) -> bool:
+    if isinstance(exc, pickle.PicklingError):
+        return True
+    return isinstance(exc, (TypeError, AttributeError)) and "pickl" in str(exc).lower()
 
 
 def _describe_call(fn: Callable[..., Any], args: tuple) -> str:
@@ -369,6 +381,10 @@ class IPyParallelExecutor(Executor):
         self.mpi_size: int | None = None
         self._owned_profile_dir: str | None = None
         self._mpi = bool(mpi)
+        # The controller, launcher, engine and engine-nanny processes of a started cluster,
+        # reaped after stopping it (the nannies otherwise linger for seconds).
+        self._processes: list = []
+        self._engine_ids_by_uuid: dict[str, int] = {}
         self._finalizer: weakref.finalize | None = None
 
         connect = profile is not None or cluster_id is not None
@@ -414,7 +430,7 @@ class IPyParallelExecutor(Executor):
         self.cluster = self._ipp.Cluster(**kwargs)
         # Stops the cluster when this executor is garbage collected or at exit.
         self._finalizer = weakref.finalize(
-            self, _stop_cluster, self.cluster, None, self._owned_profile_dir
+            self, _stop_cluster, self.cluster, None, self._owned_profile_dir, self._processes
         )
         logger.info(
             "starting an ipyparallel cluster of %d %s engines in %s",
@@ -428,6 +444,7 @@ class IPyParallelExecutor(Executor):
         except BaseException:
             self._stop(wait=False)
             raise
+        self._processes.extend(_cluster_processes(self.cluster))
 
     def _connect(
         self,
@@ -452,7 +469,7 @@ class IPyParallelExecutor(Executor):
                 f"cluster_id={cluster_id!r}, profile_dir={profile_dir!r} ({exc}); start one with "
                 "`ipcluster start -n N [--cluster-id=ID]` or omit them to start a local cluster"
             ) from exc
-        self._finalizer = weakref.finalize(self, _stop_cluster, None, self.client, None)
+        self._finalizer = weakref.finalize(self, _stop_cluster, None, self.client, None, [])
         try:
             self.client.wait_for_engines(
                 max_workers or 1, timeout=timeout, interactive=False, widget=False
@@ -477,6 +494,7 @@ class IPyParallelExecutor(Executor):
                 "start the cluster with `ipcluster start --engines=mpi` or pass mpi=False"
             )
         self.view = self.client.load_balanced_view()
+        self._engine_ids_by_uuid = {self.client._engines[eid]: eid for eid in self.client.ids}
         # A weak reference, so that the client does not keep this executor alive.
         self.client._registration_callbacks.append(_weak_callback(self._on_registration_event))
 
@@ -529,6 +547,16 @@ class IPyParallelExecutor(Executor):
         future.add_done_callback(self._forget)
         try:
             ar = self.view.apply_async(RemoteCall(fn), *args, **kwargs)
+        except Exception as exc:
+            self._forget(future)
+            if _is_pickling_error(exc):
+                raise NotPicklableError(
+                    f"cannot send {_describe_call(fn, args)} to the ipyparallel engines: "
+                    f"{type(exc).__name__}: {exc}. Make the function and its arguments "
+                    "picklable (module-level functions, no open files, locks or sockets), or "
+                    "use a thread pool, which needs no pickling"
+                ) from exc
+            raise
         except BaseException:
             self._forget(future)
             raise
@@ -604,37 +632,24 @@ class IPyParallelExecutor(Executor):
             self._pending.discard(future)  # type: ignore[arg-type]
 
     def _engine_id_of(self, ar: Any) -> int | None:
+        metadata = {}
         with contextlib.suppress(Exception):
-            return self.client.metadata[ar.msg_ids[0]].get("engine_id")
-        return None
+            metadata = ar._metadata[0]
+        engine_id = metadata.get("engine_id")
+        if engine_id is None:  # a dead engine's id is already forgotten by the client
+            engine_id = self._engine_ids_by_uuid.get(metadata.get("engine_uuid"))
+        return engine_id
 
     def _translate(self, exc: BaseException, ar: Any, future: _EngineFuture) -> BaseException:
-        """Turn an ipyparallel exception into a chemfit one."""
-        error = self._ipp.error
         engine_id = self._engine_id_of(ar)
-        if isinstance(exc, error.EngineError) or getattr(exc, "ename", None) == "EngineError":
-            lost = future._lost(f"ipyparallel engine {engine_id} died")
-            lost.__cause__ = exc
-            return lost
-        if isinstance(exc, error.TaskAborted) or getattr(exc, "ename", None) == "TaskAborted":
-            return CancelledError(f"the call was aborted on ipyparallel engine {engine_id}")
-        if isinstance(exc, error.RemoteError):
-            remote_tb = exc.traceback
-            if isinstance(remote_tb, list):
-                remote_tb = "".join(remote_tb)
-            translated = RemoteEvaluationError(
-                f"{exc.ename} on ipyparallel engine {engine_id}: {exc.evalue}",
-                rank=engine_id,
-                type_name=str(exc.ename),
-                remote_message=str(exc.evalue),
-                remote_traceback=str(remote_tb or ""),
-            )
-            translated.__cause__ = exc
-            return translated
-        return exc
+        return translate_engine_error(
+            exc, f"ipyparallel engine {engine_id}", rank=engine_id, lost=future._lost
+        )
 
     def _on_registration_event(self, event: dict) -> None:
         """Runs in the client's IO thread when an engine registers or unregisters."""
+        if event.get("event") == "register":
+            self._engine_ids_by_uuid[event.get("uuid")] = event.get("id")
         if event.get("event") != "unregister":
             return
         logger.warning("ipyparallel engine %s unregistered (died or stopped)", event.get("id"))
@@ -649,6 +664,63 @@ class IPyParallelExecutor(Executor):
                 future._finish(exception=future._lost("every ipyparallel engine died"))
 
 
+def translate_engine_error(
+    exc: BaseException,
+    where: str,
+    rank: int | None = None,
+    lost: Callable[[str], WorkerLostError] | None = None,
+) -> BaseException:
+    """Turn an exception of an ipyparallel ``AsyncResult`` into a chemfit one.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What the ``AsyncResult`` raised.
+    where : str
+        The engine, for messages (e.g. ``"ipyparallel engine 1"``).
+    rank : int, optional
+        Engine id or MPI rank, for ``RemoteEvaluationError.rank``.
+    lost : callable, optional
+        ``lost(reason) -> WorkerLostError``, to describe the lost evaluation.
+
+    Returns
+    -------
+    BaseException
+        :class:`~chemfit.core.exceptions.WorkerLostError` for a dead engine (ipyparallel's
+        ``EngineError``, which reaches the client as a ``RemoteError`` named ``EngineError``),
+        ``CancelledError`` for an aborted task, :class:`~chemfit.core.exceptions.RemoteEvaluationError`
+        for any other remote error; ``exc`` itself otherwise. The ipyparallel exception is the
+        ``__cause__``.
+
+    Examples
+    --------
+    >>> translate_engine_error(KeyError("k"), "engine 0")
+    KeyError('k')
+    """
+    ename = getattr(exc, "ename", None) or type(exc).__name__
+    translated: BaseException
+    if ename == "EngineError":
+        reason = f"{where} died"
+        translated = lost(reason) if lost is not None else WorkerLostError(reason)
+    elif ename == "TaskAborted":
+        translated = CancelledError(f"the call was aborted on {where}")
+    elif hasattr(exc, "ename") and hasattr(exc, "evalue"):  # ipyparallel RemoteError
+        remote_tb = getattr(exc, "traceback", None) or ""
+        if isinstance(remote_tb, list):
+            remote_tb = "".join(remote_tb)
+        translated = RemoteEvaluationError(
+            f"{exc.ename} on {where}: {exc.evalue}",
+            rank=rank,
+            type_name=str(exc.ename),
+            remote_message=str(exc.evalue),
+            remote_traceback=str(remote_tb),
+        )
+    else:
+        return exc
+    translated.__cause__ = exc
+    return translated
+
+
 def _weak_callback(method: Callable[[dict], None]) -> Callable[[dict], None]:
     ref = weakref.WeakMethod(method)
 
@@ -660,8 +732,61 @@ def _weak_callback(method: Callable[[dict], None]) -> Callable[[dict], None]:
     return callback
 
 
-def _stop_cluster(cluster: Any, client: Any, profile_dir: str | None) -> None:
-    """Close a client, stop a cluster and delete a throwaway profile directory (idempotent)."""
+def _cluster_processes(cluster: Any) -> list:
+    """``psutil.Process`` objects of a started cluster's launchers and all their descendants."""
+    import psutil
+
+    roots = []
+    launchers = [cluster.controller, *cluster.engines.values()]
+    for engine_set in cluster.engines.values():
+        launchers.extend(getattr(engine_set, "launchers", {}).values())
+    for launcher in launchers:
+        process = getattr(launcher, "process", None)
+        if isinstance(process, psutil.Process):
+            roots.append(process)
+    found: dict[int, Any] = {}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            for process in [root, *root.children(recursive=True)]:
+                found.setdefault(process.pid, process)
+    return list(found.values())
+
+
+def _running(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _reap(processes: list, grace: float = 0.2) -> None:
+    """Kill whichever of ``processes`` still run ``grace`` seconds after the cluster stopped.
+
+    These are the engines' nannies, which would otherwise linger for ~3 s trying to tell the
+    stopped controller that their engine exited. Zombies count as gone (their parent may be an
+    init process that reaps late).
+    """
+    import psutil
+
+    deadline = time.monotonic() + grace
+    while any(_running(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    leftovers = [p for p in processes if _running(p)]
+    for process in leftovers:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    deadline = time.monotonic() + 5
+    while any(_running(p) for p in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if leftovers:
+        logger.debug("killed %d leftover ipyparallel processes", len(leftovers))
+
+
+def _stop_cluster(cluster: Any, client: Any, profile_dir: str | None, processes: list) -> None:
+    """Close a client, stop a cluster, reap its processes and delete a throwaway profile
+    directory. Runs once, from ``shutdown()``, garbage collection or exit."""
     if client is not None:
         with contextlib.suppress(Exception):
             client.close(linger=0)
@@ -670,5 +795,6 @@ def _stop_cluster(cluster: Any, client: Any, profile_dir: str | None) -> None:
             cluster.stop_cluster_sync()
         except Exception:
             logger.warning("stopping ipyparallel cluster %s failed", cluster, exc_info=True)
+    _reap(processes)
     if profile_dir is not None:
         shutil.rmtree(profile_dir, ignore_errors=True)

@@ -129,34 +129,50 @@ class Signal(Enum):
     @property
     def tag(self) -> int:
         """The MPI tag that carries this kind of message."""
-        return 7700 + self.value
+        return _TAG_BASE + self.value
+
+    @classmethod
+    def from_tag(cls, tag: int) -> Signal:
+        """The signal carried by MPI tag ``tag``."""
+        return cls(tag - _TAG_BASE)
 
 
-# Polling back-off (seconds). Workers idle for long periods, so their sleep grows to 10 ms
-# (about 0.1 % of a core); rank 0 only waits within a call and caps at 1 ms for latency.
+_TAG_BASE = 7700
+
+
+# Polling back-off. A waiting rank sleeps for a tenth of the time it has waited so far, within
+# [first, cap] seconds: a reply that comes soon is noticed soon (latency <= ~10 % of the wait),
+# and a long wait costs a few wake-ups per second. Workers idle for long periods, so their sleep
+# grows to 10 ms (about 0.1 % of a core); rank 0 only waits within a call and caps at 1 ms.
 _WORKER_FIRST_SLEEP = 50e-6
 _WORKER_MAX_SLEEP = 10e-3
 _ROOT_FIRST_SLEEP = 20e-6
 _ROOT_MAX_SLEEP = 1e-3
-_SLEEP_GROWTH = 1.5
+_SLEEP_FRACTION = 0.1
 
 
 def _poll(test: Callable[[], T | None], first: float, cap: float) -> T:
     """Call ``test`` until it returns something other than ``None``, sleeping in between."""
-    delay = first
+    result = test()
+    if result is not None:
+        return result
+    started = time.perf_counter()
     while True:
+        waited = time.perf_counter() - started
+        time.sleep(min(cap, max(first, _SLEEP_FRACTION * waited)))
         result = test()
         if result is not None:
             return result
-        time.sleep(delay)
-        delay = min(delay * _SLEEP_GROWTH, cap)
 
 
 @dataclass
 class _TermError:
     """A failure while evaluating (or sending back) one term on a worker rank."""
 
-    kind: str  # "exception", "unpicklable_result", "bad_request", "term_count"
+    # "exception", "term_count", or a pickling failure: "unpicklable_result" (worker could not
+    # pickle its results), "bad_request" (worker could not load the request), "bad_reply"
+    # (rank 0 could not load the reply)
+    kind: str
     term_index: int | None
     type_name: str
     message: str
@@ -300,7 +316,7 @@ class MPIWrapperCOB(ObjectiveFunctor):
         buffer = bytearray(status.Get_count(MPI.BYTE))
         request = message.Irecv([buffer, MPI.BYTE])
         _poll(lambda: True if request.Test() else None, first, cap)
-        received = Signal(status.Get_tag() - 7700)
+        received = Signal.from_tag(status.Get_tag())
         self._debug(
             "received %s (%d bytes) from rank %d", received.name, len(buffer), status.Get_source()
         )
@@ -493,6 +509,16 @@ class MPIWrapperCOB(ObjectiveFunctor):
                 f"0 ({error.type_name}: {error.message}); MPIWrapperCOB pickles each term's "
                 "loss, quantities and meta, so keep them picklable (plain data, arrays)"
             ) from remote
+        if error.kind in ("bad_request", "bad_reply"):
+            what, where = (
+                ("the request (parameters, children's config, shared, meta)", f"rank {rank}")
+                if error.kind == "bad_request"
+                else (f"the results of rank {rank}", "rank 0")
+            )
+            raise NotPicklableError(
+                f"{what} could not be unpickled on {where} ({error.type_name}: "
+                f"{error.message}); every rank must be able to import the classes they use"
+            ) from remote
         if error.pickled is not None:
             try:
                 original = pickle.loads(error.pickled)
@@ -544,7 +570,7 @@ class MPIWrapperCOB(ObjectiveFunctor):
             logger.info("[Rank %d] worker_loop() after release: nothing to do", self.rank)
             return
         while True:
-            source, signal, buffer = _poll(
+            _, signal, buffer = _poll(
                 lambda: self._try_receive(0, None, _WORKER_FIRST_SLEEP, _WORKER_MAX_SLEEP),
                 _WORKER_FIRST_SLEEP,
                 _WORKER_MAX_SLEEP,
@@ -554,11 +580,8 @@ class MPIWrapperCOB(ObjectiveFunctor):
                 return
             if signal is Signal.EVALUATE:
                 data = self._serve(buffer)
-                request = self._isend(data, 0, Signal.RESULT)
-                _poll(
-                    lambda: True if request.Test() else None,
-                    _WORKER_FIRST_SLEEP,
-                    _WORKER_MAX_SLEEP,
+                self._wait_all(
+                    [self._isend(data, 0, Signal.RESULT)], _WORKER_FIRST_SLEEP, _WORKER_MAX_SLEEP
                 )
             else:  # pragma: no cover - rank 0 sends nothing else
                 logger.error("[Rank %d] unexpected %s message from rank 0", self.rank, signal)

@@ -20,6 +20,7 @@ import math
 import numbers
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -328,9 +329,7 @@ def _validate_parameters(
             )
         lower, upper = (_bound_side(key, side, name) for side, name in zip(sides, "lu"))
         if lower is not None and upper is not None and lower >= upper:
-            raise ValueError(
-                f"bounds[{key!r}] = {pair!r} has lower >= upper; give lower < upper"
-            )
+            raise ValueError(f"bounds[{key!r}] = {pair!r} has lower >= upper; give lower < upper")
         value = values[key]
         if (lower is not None and value < lower) or (upper is not None and value > upper):
             raise ValueError(
@@ -370,7 +369,9 @@ def _outside_bounds(
 
 def _check_count(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})"
+        )
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
@@ -447,6 +448,7 @@ class _Session:
     num_workers: int
     executor: Any
     owned_executor: ThreadPoolExecutor | None
+    finalizer: weakref.finalize | None
     backend: str
     optimizer: str
     mode: str | None
@@ -544,8 +546,7 @@ class Fitter:
             )
         if near_bound_tol is not None and not _is_real(near_bound_tol):
             raise TypeError(
-                f"near_bound_tol must be a real number or None, got {near_bound_tol!r}; "
-                "e.g. 0.01"
+                f"near_bound_tol must be a real number or None, got {near_bound_tol!r}; e.g. 0.01"
             )
         _validate_parameters(initial_params, bounds)
         self.objective_function = FitterObjectiveFunctor(
@@ -688,16 +689,25 @@ class Fitter:
                     )
         resolved = as_executor(executor)
         self.close()  # a session left open by init() without finish()
-        owned = None
+        owned = finalizer = None
         if resolved is None and num_workers > 1:
             owned = ThreadPoolExecutor(num_workers, thread_name_prefix="chemfit-fitter")
+            # A hand-driven fit that is never finished still releases its threads.
+            finalizer = weakref.finalize(self, owned.shutdown, wait=False, cancel_futures=True)
             resolved = owned
+        if num_workers > 1 and getattr(self.objective_function.wrap_me, "serialises_calls", False):
+            logger.info(
+                "%s evaluates one candidate at a time: the %d workers' candidates are serialised",
+                type(self.objective_function.wrap_me).__name__,
+                num_workers,
+            )
         self.contexts = ctx_list
         self._hook_pre_fit()
         self._session = _Session(
             num_workers=num_workers,
             executor=resolved,
             owned_executor=owned,
+            finalizer=finalizer,
             backend=backend,
             optimizer=optimizer,
             mode=mode,
@@ -718,6 +728,9 @@ class Fitter:
 
     def _shutdown_pool(self, session: _Session, wait_for_tasks: bool) -> None:
         pool, session.owned_executor = session.owned_executor, None
+        if session.finalizer is not None:
+            session.finalizer.detach()
+            session.finalizer = None
         if pool is not None:
             pool.shutdown(wait=wait_for_tasks, cancel_futures=True)
         if session.bar is not None:
@@ -762,9 +775,7 @@ class Fitter:
         _validate_parameters(self.initial_parameters, self.bounds)
         self._start_session(num_workers, contexts, executor, backend="ask-tell")
 
-    def ask(
-        self, parameters: dict | list[dict], context_index: int = 0
-    ) -> float | list[float]:
+    def ask(self, parameters: dict | list[dict], context_index: int = 0) -> float | list[float]:
         """Evaluate one candidate (a dict) or a batch (a list of at most ``num_workers`` dicts).
 
         A dict is evaluated in ``contexts[context_index]``; a list in ``contexts[:n]``, in
@@ -777,9 +788,7 @@ class Fitter:
             if isinstance(context_index, bool) or not isinstance(context_index, int):
                 raise TypeError(f"context_index must be an int, got {context_index!r}")
             if not -n <= context_index < n:
-                raise ValueError(
-                    f"context_index={context_index} is out of range for {n} contexts"
-                )
+                raise ValueError(f"context_index={context_index} is out of range for {n} contexts")
             ctx = self.contexts[context_index]
             ctx.reset()
             loss = self.objective_function(parameters, ctx)
@@ -1146,9 +1155,7 @@ class Fitter:
         while remaining > 0:
             n = min(session.num_workers, remaining)
             candidates = [optimizer.ask() for _ in range(n)]
-            losses = self._evaluate_batch(
-                session, [self._candidate_params(c) for c in candidates]
-            )
+            losses = self._evaluate_batch(session, [self._candidate_params(c) for c in candidates])
             for candidate, loss in zip(candidates, losses):
                 optimizer.tell(candidate, loss)
             self._flush(session, step)
@@ -1243,7 +1250,9 @@ class Fitter:
                 "trust-constr, COBYLA) or remove the bounds"
             )
         if ctx is not None and not isinstance(ctx, FitterEvaluateContext):
-            raise TypeError(f"ctx must be a FitterEvaluateContext or None, got {type(ctx).__name__}")
+            raise TypeError(
+                f"ctx must be a FitterEvaluateContext or None, got {type(ctx).__name__}"
+            )
         import numpy as np
         from scipy.optimize import minimize
 

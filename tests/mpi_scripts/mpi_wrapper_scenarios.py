@@ -49,6 +49,17 @@ class SkipMe(Exception):
     """Tells the scenario's exception handler to skip the term."""
 
 
+if RANK == 0:
+
+    class OnlyOnRank0:
+        """Pickled by reference to ``__main__``; the other ranks cannot load it."""
+
+else:
+
+    class OnlyOnWorkers:
+        """Pickled by reference to ``__main__``; rank 0 cannot load it."""
+
+
 class Term(ObjectiveFunctor):
     """A term with quantities, meta and failure modes; its value depends on its index."""
 
@@ -69,6 +80,10 @@ class Term(ObjectiveFunctor):
                 ctx.meta["lock"] = threading.Lock()
             if kind == "skip":
                 raise SkipMe(f"skip term {self.index}")
+            if kind == "slow":
+                time.sleep(0.5)
+            if kind == "worker_class":
+                ctx.meta["thing"] = OnlyOnWorkers()
         x = parameters["x"]
         y = math.sin(x * (self.index + 1.1)) + 0.1 * (x - self.index) ** 2
         ctx.quantities = {"y": y, "label": getattr(ctx.config, "label", None)}
@@ -135,9 +150,7 @@ def same_as_serial(mpi: MPIWrapperCOB, serial: CombinedObjectiveFunction, params
         "meta_equal": repr(ctx_serial.meta) == repr(ctx_mpi.meta),
         "loss_equal": ctx_serial.loss == ctx_mpi.loss,
         "meta_mpi": repr(ctx_mpi.meta) if repr(ctx_serial.meta) != repr(ctx_mpi.meta) else "",
-        "meta_serial": repr(ctx_serial.meta)
-        if repr(ctx_serial.meta) != repr(ctx_mpi.meta)
-        else "",
+        "meta_serial": repr(ctx_serial.meta) if repr(ctx_serial.meta) != repr(ctx_mpi.meta) else "",
         "skipped": ctx_mpi.meta.get("skipped_indices"),
         "n_terms": ctx_mpi.meta.get("n_terms"),
     }
@@ -180,7 +193,7 @@ def cpu_seconds(pid: int) -> float:
 def idle_worker_cpu(mpi: MPIWrapperCOB, n_terms: int, rank: int) -> dict:
     ctx = EvaluateContext()
     mpi({"x": 0.5, "record_pid": True}, ctx)
-    start, end = list(slice_up(n_terms, mpi.size))[rank]
+    start, _ = list(slice_up(n_terms, mpi.size))[rank]
     pid = ctx.meta["children"][start]["meta"]["pid"]
     time.sleep(0.1)
     before = cpu_seconds(pid)
@@ -193,6 +206,29 @@ def slice_up(n, size):
     from chemfit.execution.mpi_wrapper_cob import slice_up_range
 
     return slice_up_range(n, size)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_call(mpi: MPIWrapperCOB) -> str:
+    """Interrupt rank 0 (a signal handler raising) while it waits for a slow worker."""
+    import signal
+
+    def handler(signum, frame):
+        raise Interrupted("interrupted while waiting")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        mpi({"x": 1.0, "fail": [5, "slow"]}, EvaluateContext())
+    except Interrupted as exc:
+        return str(exc)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return "not interrupted"
 
 
 def bytes_per_call(mpi: MPIWrapperCOB, n_calls: int) -> list[int]:
@@ -224,10 +260,14 @@ def scenario_two_ranks() -> dict | None:
         out["after_raise"] = same_as_serial(mpi, serial, {"x": 1.1})
         out["unpicklable_rank1"] = failure(mpi, {"x": 1.0, "fail": [5, "unpicklable"]})
         out["meta_rank1"] = failure(mpi, {"x": 1.0, "fail": [3, "meta"]})
+        out["request_unloadable"] = failure(mpi, {"x": 1.0, "thing": OnlyOnRank0()})
+        out["reply_unloadable"] = failure(mpi, {"x": 1.0, "fail": [5, "worker_class"]})
         out["raise_rank0"] = failure(mpi, {"x": 1.0, "fail": [0, "raise"]})
         out["configurator"] = failure(mpi, {"x": 1.0, "fail": ["configurator", "raise"]})
         out["reduction"] = failure(mpi, {"x": 1.0, "fail": ["reduction", "raise"]})
         out["after_rank0_failures"] = same_as_serial(mpi, serial, {"x": 1.2})
+        out["interrupted"] = interrupted_call(mpi)
+        out["after_interrupt"] = same_as_serial(mpi, serial, {"x": 1.3})
         out["bytes_per_call"] = bytes_per_call(mpi, 5)
         out["idle"] = idle_worker_cpu(mpi, 6, 1)
 
@@ -304,9 +344,7 @@ def scenario_fitter() -> dict | None:
     from chemfit.fitting.fitter import Fitter
 
     def build():
-        return CombinedObjectiveFunction(
-            [Term(i) for i in range(4)], weights=[1.0, 0.5, 2.0, 1.5]
-        )
+        return CombinedObjectiveFunction([Term(i) for i in range(4)], weights=[1.0, 0.5, 2.0, 1.5])
 
     with MPIWrapperCOB(build()) as mpi:
         if RANK != 0:
@@ -317,17 +355,47 @@ def scenario_fitter() -> dict | None:
         serial_fitter = Fitter(build(), initial)
         best_serial = serial_fitter.objective_function(fitted_mpi, EvaluateContext())
         best_mpi = mpi(fitted_mpi, EvaluateContext())
+
+        # R10: two fitter threads share the wrapper; the fitter says candidates are serialised
+        records: list[str] = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+
+        chemfit_logger = logging.getLogger("chemfit")
+        chemfit_logger.addHandler(Collect())
+        chemfit_logger.setLevel(logging.INFO)
+        threaded = Fitter(mpi, initial)
+        fitted_threads = threaded.fit_nevergrad(
+            budget=20, optimizer_str="OnePlusOne", num_workers=2
+        )
+        best = threaded.result
         return {
             "fitted": fitted_mpi,
             "finite": all(math.isfinite(v) for v in fitted_mpi.values()),
             "value_equal": best_serial == best_mpi,
+            "threads_finite": all(math.isfinite(v) for v in fitted_threads.values()),
+            "threads_best_equal": build()(best.best_parameters) == best.best_loss,
+            "threads_n_evals": best.n_evals,
+            "serialised_info": any("serialised" in r for r in records),
         }
 
 
-SCENARIOS = {"two_ranks": scenario_two_ranks, "three_ranks": scenario_three_ranks, "fitter": scenario_fitter}
+SCENARIOS = {
+    "two_ranks": scenario_two_ranks,
+    "three_ranks": scenario_three_ranks,
+    "fitter": scenario_fitter,
+}
 
 
 if __name__ == "__main__":
-    result = SCENARIOS[sys.argv[1]]()
+    try:
+        result = SCENARIOS[sys.argv[1]]()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        WORLD.Abort(1)  # end every rank now instead of leaving them waiting
     if RANK == 0:
         print("RESULT " + json.dumps(result), flush=True)

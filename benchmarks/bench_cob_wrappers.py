@@ -1,0 +1,205 @@
+"""Benchmark: parallel wrappers of a combined objective against serial evaluation.
+
+Cases (CPU-bound pure-Python terms that hold the GIL, so thread pools show no gain):
+
+* ``expensive``: 8 terms of about 20 ms each;
+* ``cheap``: 100 terms of about 50 us each.
+
+Each case is timed serially (``cob(params, ctx)``) and through :class:`ExecutorWrapperCOB` on
+a thread pool, a process pool and loky (``--workers`` workers, default 2), with
+``terms_per_task="auto"`` (after one warm-up call, so the grouping uses measured times) and with
+``terms_per_task=1``. Every wrapped value is checked bitwise against the serial one. The script
+prints one JSON document with the min and median times and the speed-ups over serial.
+
+Run::
+
+    .venv/bin/python benchmarks/bench_cob_wrappers.py [--repeats 7] [--workers 2] [--quick]
+
+MPI: ``--mpi`` is reserved for the MPIWrapperCOB part (see :func:`bench_mpi`), to be run as
+``mpiexec -n 2 .venv/bin/python benchmarks/bench_cob_wrappers.py --mpi``; it is not written yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+from chemfit.core.combined import CombinedObjectiveFunction
+from chemfit.core.context import EvaluateContext
+from chemfit.core.objectives import ObjectiveFunctor, ensure_context
+from chemfit.execution.executor_wrapper_cob import ExecutorWrapperCOB
+
+PARAMS = {"x": 0.25, "y": 1.5}
+CASES = {"expensive": (8, 20e-3), "cheap": (100, 50e-6)}
+TARGETS = {
+    "expensive": {"process/auto": 1.8, "loky/auto": 1.8},  # minimum speed-up
+    "cheap": {"thread/auto": 1 / 1.25, "process/auto": 1 / 1.25, "loky/auto": 1 / 1.25},
+}
+
+
+class SpinTerm(ObjectiveFunctor):
+    """A CPU-bound term: ``n_iter`` iterations of a pure-Python loop, then a quadratic."""
+
+    def __init__(self, n_iter: int, shift: float) -> None:
+        self.n_iter = n_iter
+        self.shift = shift
+
+    def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
+        ctx = ensure_context(ctx)
+        ctx.parameters = parameters
+        acc = 0.0
+        for i in range(self.n_iter):
+            acc += (i % 7) * 1e-9
+        ctx.meta["acc"] = acc
+        ctx.loss = (parameters["x"] - self.shift) ** 2 + parameters["y"] * acc
+        return ctx.loss
+
+
+def calibrate_iterations(seconds: float) -> int:
+    """Loop iterations that take about ``seconds`` on this machine (best of a few runs)."""
+    probe = SpinTerm(200_000, 0.0)
+    best = min(_timed(lambda: probe(PARAMS)) for _ in range(5))
+    return max(1, round(200_000 * seconds / best))
+
+
+def build_cob(case: str, n_iter: int) -> CombinedObjectiveFunction:
+    """The combined objective of ``case`` (the same on every process or rank)."""
+    n_terms, _ = CASES[case]
+    terms = [SpinTerm(n_iter, 0.01 * k) for k in range(n_terms)]
+    return CombinedObjectiveFunction(terms, weights=[1.0 + 0.1 * k for k in range(n_terms)])
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _stats(times: list[float]) -> dict:
+    return {"min": min(times), "median": statistics.median(times)}
+
+
+def make_executors(workers: int) -> dict:
+    import loky
+
+    return {
+        "thread": ThreadPoolExecutor(workers),
+        "process": ProcessPoolExecutor(workers),
+        "loky": loky.get_reusable_executor(max_workers=workers),
+    }
+
+
+def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
+    executors = make_executors(workers)
+    # start the worker processes before anything is timed
+    for executor in executors.values():
+        list(executor.map(abs, range(4 * workers)))
+    results: dict = {}
+    try:
+        for case in cases:
+            n_terms, seconds = CASES[case]
+            n_iter = calibrate_iterations(seconds)
+            cob = build_cob(case, n_iter)
+            expected = cob(PARAMS, EvaluateContext())
+            runners = {"serial": cob}
+            for name, executor in executors.items():
+                for terms_per_task in ("auto", 1):
+                    wrapper = ExecutorWrapperCOB(cob, executor, terms_per_task=terms_per_task)
+                    value = wrapper(PARAMS, EvaluateContext())  # warm-up; "auto" measures here
+                    if value != expected:
+                        raise RuntimeError(
+                            f"{name}/{terms_per_task}: {value!r} != serial {expected!r}"
+                        )
+                    runners[f"{name}/{terms_per_task}"] = wrapper
+            # interleaved rounds, so that a change in machine load hits every mode alike
+            times: dict[str, list[float]] = {mode: [] for mode in runners}
+            for _ in range(repeats):
+                for mode, runner in runners.items():
+                    times[mode].append(_timed(lambda r=runner: r(PARAMS, EvaluateContext())))
+            entry: dict = {
+                "n_terms": n_terms,
+                "term_seconds_target": seconds,
+                "loop_iterations": n_iter,
+                "serial": _stats(times.pop("serial")),
+            }
+            for mode, mode_times in times.items():
+                stats = _stats(mode_times)
+                stats["speedup_min"] = entry["serial"]["min"] / stats["min"]
+                stats["speedup_median"] = entry["serial"]["median"] / stats["median"]
+                entry[mode] = stats
+            results[case] = entry
+    finally:
+        executors["thread"].shutdown()
+        executors["process"].shutdown()
+    return results
+
+
+def check_targets(results: dict) -> dict:
+    """``{case: {mode: {"target", "speedup_min", "speedup_median", "met"}}}`` (met on min)."""
+    verdicts: dict = {}
+    for case, targets in TARGETS.items():
+        if case not in results:
+            continue
+        for mode, target in targets.items():
+            stats = results[case][mode]
+            verdicts.setdefault(case, {})[mode] = {
+                "target_speedup": round(target, 3),
+                "speedup_min": round(stats["speedup_min"], 3),
+                "speedup_median": round(stats["speedup_median"], 3),
+                "met": stats["speedup_min"] >= target,
+            }
+    return verdicts
+
+
+# -- MPI (to be added) ------------------------------------------------------------------------
+
+
+def bench_mpi(repeats: int, cases: list[str]) -> dict:
+    """MPIWRAPPERCOB BENCHMARK: placeholder for the MPIWrapperCOB part.
+
+    Intended contract: run under ``mpiexec -n N``; every rank calibrates nothing itself but
+    receives ``n_iter`` from rank 0 (``comm.bcast``), builds ``build_cob(case, n_iter)``, opens
+    ``with MPIWrapperCOB(cob) as mpi:``; rank 0 times ``mpi(PARAMS, EvaluateContext())``
+    ``repeats`` times against serial, checks the value bitwise and returns the same JSON shape
+    as :func:`bench_executors` (keys ``"mpi/<size>"``); the other ranks run ``worker_loop()``.
+    """
+    raise SystemExit("the --mpi mode of this benchmark is not written yet (see bench_mpi)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per mode (>= 5)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all")
+    parser.add_argument("--mpi", action="store_true", help="MPIWrapperCOB mode (not written yet)")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5")
+    cases = args.case or list(CASES)
+    if args.mpi:
+        results = bench_mpi(args.repeats, cases)
+    else:
+        results = bench_executors(args.repeats, args.workers, cases)
+    report = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "workers": args.workers,
+        "repeats": args.repeats,
+        "results": results,
+        "targets": check_targets(results),
+    }
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
