@@ -8,12 +8,16 @@ Cases (CPU-bound pure-Python terms that hold the GIL, so thread pools show no ga
 Each case is timed serially (``cob(params, ctx)``) and through :class:`ExecutorWrapperCOB` on
 a thread pool, a process pool and loky (``--workers`` workers, default 2), with
 ``terms_per_task="auto"`` (after one warm-up call, so the grouping uses measured times) and with
-``terms_per_task=1``. Every wrapped value is checked bitwise against the serial one. The script
-prints one JSON document with the min and median times and the speed-ups over serial.
+``terms_per_task=1``. The warm-up value of every mode is checked bitwise against the serial one.
+The modes are timed in interleaved rounds, so that changes in machine load hit them alike; on a
+shared machine, compare the min times. The script prints one JSON document with the min and
+median times and the speed-ups over serial: ``speedup_min`` compares min times,
+``speedup_paired_median`` is the median over rounds of serial time / mode time (what the
+targets are checked on).
 
 Run::
 
-    .venv/bin/python benchmarks/bench_cob_wrappers.py [--repeats 7] [--workers 2] [--quick]
+    .venv/bin/python benchmarks/bench_cob_wrappers.py [--repeats 7] [--workers 2] [--case cheap]
 
 MPI: ``--mpi`` is reserved for the MPIWrapperCOB part (see :func:`bench_mpi`), to be run as
 ``mpiexec -n 2 .venv/bin/python benchmarks/bench_cob_wrappers.py --mpi``; it is not written yet.
@@ -122,16 +126,22 @@ def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
             for _ in range(repeats):
                 for mode, runner in runners.items():
                     times[mode].append(_timed(lambda r=runner: r(PARAMS, EvaluateContext())))
+            serial_times = times.pop("serial")
             entry: dict = {
                 "n_terms": n_terms,
                 "term_seconds_target": seconds,
                 "loop_iterations": n_iter,
-                "serial": _stats(times.pop("serial")),
+                "serial": _stats(serial_times),
             }
             for mode, mode_times in times.items():
                 stats = _stats(mode_times)
                 stats["speedup_min"] = entry["serial"]["min"] / stats["min"]
                 stats["speedup_median"] = entry["serial"]["median"] / stats["median"]
+                # each round's serial time over this mode's time in the same round: robust
+                # against load that drifts during the run
+                stats["speedup_paired_median"] = statistics.median(
+                    s / t for s, t in zip(serial_times, mode_times)
+                )
                 entry[mode] = stats
             results[case] = entry
     finally:
@@ -141,7 +151,10 @@ def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
 
 
 def check_targets(results: dict) -> dict:
-    """``{case: {mode: {"target", "speedup_min", "speedup_median", "met"}}}`` (met on min)."""
+    """``{case: {mode: {"target_speedup", "speedup_*", "met"}}}``.
+
+    A target is met when the paired median speed-up (see :func:`bench_executors`) reaches it.
+    """
     verdicts: dict = {}
     for case, targets in TARGETS.items():
         if case not in results:
@@ -152,7 +165,8 @@ def check_targets(results: dict) -> dict:
                 "target_speedup": round(target, 3),
                 "speedup_min": round(stats["speedup_min"], 3),
                 "speedup_median": round(stats["speedup_median"], 3),
-                "met": stats["speedup_min"] >= target,
+                "speedup_paired_median": round(stats["speedup_paired_median"], 3),
+                "met": stats["speedup_paired_median"] >= target,
             }
     return verdicts
 

@@ -91,6 +91,8 @@ def _bare_nevergrad_loop(budget: int, optimizer: str, seed: int) -> None:
 
 def fitter_overhead(repeats: int, budget: int, optimizer: str = "OnePlusOne") -> dict:
     times: dict[str, list[float]] = {"bare": [], "fitter": []}
+    _bare_nevergrad_loop(50, optimizer, seed=0)  # warm-up: imports and first-use caches
+    Fitter(_cheap, {"x": 0.0, "y": 0.0}).fit_nevergrad(budget=50, optimizer_str=optimizer)
     for repeat in range(repeats):
         start = time.perf_counter()
         _bare_nevergrad_loop(budget, optimizer, seed=repeat)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -209,21 +210,58 @@ def _engine_info() -> dict:
 # -- the caller side ----------------------------------------------------------------------------
 
 
+def _world_size(engines: dict[int, dict]) -> int | None:
+    """The MPI world size when the engines are exactly the ranks of one world, else ``None``.
+
+    Examples
+    --------
+    >>> _world_size({0: {"mpi_rank": 0, "mpi_size": 2}, 1: {"mpi_rank": 1, "mpi_size": 2}})
+    2
+    >>> _world_size({0: {"mpi_rank": 0, "mpi_size": 2}}) is None   # rank 1 is missing
+    True
+    """
+    sizes = {info.get("mpi_size") for info in engines.values()}
+    ranks = sorted(info.get("mpi_rank", -1) for info in engines.values())
+    if len(sizes) != 1 or None in sizes or ranks != list(range(len(engines))):
+        return None
+    size = sizes.pop()
+    return size if size == len(engines) else None
+
+
 def _is_pickling_error(exc: BaseException) -> bool:
     if isinstance(exc, pickle.PicklingError):
         return True
     return isinstance(exc, (TypeError, AttributeError)) and "pickl" in str(exc).lower()
 
 
+def _function_name(fn: Any) -> str:
+    """The name of the innermost function of wrappers that keep it in ``fn`` or ``func``."""
+    for _ in range(5):
+        inner = getattr(fn, "fn", None) or getattr(fn, "func", None)
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _call_parameters(args: tuple) -> Any:
+    """The parameters of a ``fn(*args, ctx)`` call: the context's, else the first argument."""
+    if args and isinstance(args[-1], EvaluateContext) and args[-1].parameters is not None:
+        return args[-1].parameters
+    if len(args) > 1 and isinstance(args[-1], EvaluateContext):
+        return args[0]
+    return None
+
+
 def _describe_call(fn: Callable[..., Any], args: tuple) -> str:
-    name = getattr(fn, "__qualname__", None) or type(fn).__name__
-    inner = getattr(fn, "fn", None) or getattr(fn, "func", None)
-    if inner is not None:
-        name = f"{name}({getattr(inner, '__qualname__', type(inner).__name__)})"
-    text = ", ".join(repr(a) for a in args)
+    parameters = _call_parameters(args)
+    if parameters is not None:
+        text = f"parameters {parameters!r}"
+    else:
+        text = "arguments " + ", ".join(repr(a) for a in args)
     if len(text) > 200:
         text = text[:197] + "..."
-    return f"{name}({text})"
+    return f"{_function_name(fn)} with {text}"
 
 
 class _EngineFuture(Future):
@@ -254,14 +292,11 @@ class _EngineFuture(Future):
 
     def _lost(self, reason: str) -> WorkerLostError:
         fn, args = self._call if self._call is not None else (None, ())
-        parameters = None
-        if args and isinstance(args[-1], EvaluateContext):
-            parameters = args[-1].parameters
         call = _describe_call(fn, args) if fn is not None else "a call"
         return WorkerLostError(
-            f"{reason} while evaluating {call}; that evaluation was lost "
-            f"(parameters={parameters!r}). Restart the engines or the cluster and resume.",
-            parameters=parameters,
+            f"{reason} while evaluating {call}; that evaluation was lost. Restart the engines "
+            "(or the cluster) and resume",
+            parameters=_call_parameters(args),
         )
 
     def _on_async_result_done(self, ar: Any) -> None:
@@ -324,6 +359,9 @@ class IPyParallelExecutor(Executor):
         ``mpi_size``.
     mpi_size : int or None
         The size of the engines' MPI world, ``None`` if the engines do not use MPI.
+    profile_dir : str or None
+        The cluster's profile directory (a started cluster's throwaway directory is deleted
+        by :meth:`shutdown`).
 
     Raises
     ------
@@ -380,11 +418,13 @@ class IPyParallelExecutor(Executor):
         self.engines: dict[int, dict] = {}
         self.mpi_size: int | None = None
         self._owned_profile_dir: str | None = None
+        self.profile_dir: str | None = None
         self._mpi = bool(mpi)
         # The controller, launcher, engine and engine-nanny processes of a started cluster,
         # reaped after stopping it (the nannies otherwise linger for seconds).
         self._processes: list = []
         self._engine_ids_by_uuid: dict[str, int] = {}
+        self._connected_id = cluster_id
         self._finalizer: weakref.finalize | None = None
 
         connect = profile is not None or cluster_id is not None
@@ -401,7 +441,7 @@ class IPyParallelExecutor(Executor):
         try:
             self._set_up(use_cloudpickle, timeout)
         except BaseException:
-            self._stop(wait=False)
+            self._stop()
             raise
 
     # -- start / connect ----------------------------------------------------------------------
@@ -413,17 +453,21 @@ class IPyParallelExecutor(Executor):
 
         if profile_dir is None:
             profile_dir = self._owned_profile_dir = tempfile.mkdtemp(prefix="chemfit-ipp-")
+        self.profile_dir = str(profile_dir)
         config = Config()
         # Pin the launcher to this environment's mpiexec: a different MPI on PATH would start
         # n singletons of size 1 instead of one world.
         config.MPIEngineSetLauncher.mpi_cmd = [str(Path(sys.executable).parent / "mpiexec")]
+        # mpiexec takes ~3 s to exit after SIGTERM; kill it after 1 s instead (whatever it
+        # leaves behind is reaped by _stop_cluster).
+        config.MPIEngineSetLauncher.stop_seconds_until_kill = 1
         kwargs = {
             "n": n,
             "engines": "mpi" if self._mpi else "local",
             "profile_dir": str(profile_dir),
             "log_level": logging.ERROR,
             "controller_args": [f"--HeartMonitor.period={_HEARTBEAT_MS}"],
-            "engine_timeout": int(timeout),
+            "engine_timeout": max(1, math.ceil(timeout)),
             "config": config,
         }
         kwargs.update(options)
@@ -442,7 +486,7 @@ class IPyParallelExecutor(Executor):
             self.client = self.cluster.start_and_connect_sync(n=n)
             self.client.wait_for_engines(n, timeout=timeout, interactive=False, widget=False)
         except BaseException:
-            self._stop(wait=False)
+            self._stop()
             raise
         self._processes.extend(_cluster_processes(self.cluster))
 
@@ -454,28 +498,16 @@ class IPyParallelExecutor(Executor):
         max_workers: int | None,
         timeout: float,
     ) -> None:
-        kwargs: dict[str, Any] = {"timeout": timeout}
-        if profile is not None:
-            kwargs["profile"] = profile
-        if cluster_id is not None:
-            kwargs["cluster_id"] = cluster_id
-        if profile_dir is not None:
-            kwargs["profile_dir"] = str(profile_dir)
-        try:
-            self.client = self._ipp.Client(**kwargs)
-        except OSError as exc:  # no connection file
-            raise ValueError(
-                f"no running ipyparallel cluster found for profile={profile!r}, "
-                f"cluster_id={cluster_id!r}, profile_dir={profile_dir!r} ({exc}); start one with "
-                "`ipcluster start -n N [--cluster-id=ID]` or omit them to start a local cluster"
-            ) from exc
+        connection_file = _find_connection_file(profile, cluster_id, profile_dir, timeout)
+        self.client = self._ipp.Client(connection_file, timeout=timeout)
         self._finalizer = weakref.finalize(self, _stop_cluster, None, self.client, None, [])
+        self.profile_dir = str(Path(connection_file).parent.parent)
         try:
             self.client.wait_for_engines(
                 max_workers or 1, timeout=timeout, interactive=False, widget=False
             )
         except BaseException:
-            self._stop(wait=False)
+            self._stop()
             raise
         logger.info("connected to an ipyparallel cluster with %d engines", len(self.client.ids))
 
@@ -486,8 +518,7 @@ class IPyParallelExecutor(Executor):
         self.engines = dict(
             zip(everywhere.targets, everywhere.apply_async(_engine_info).get(timeout=timeout))
         )
-        sizes = {info.get("mpi_size") for info in self.engines.values()}
-        self.mpi_size = sizes.pop() if len(sizes) == 1 else None
+        self.mpi_size = _world_size(self.engines)
         if self._mpi and self.mpi_size is None:
             raise ValueError(
                 f"mpi=True, but the engines do not form one MPI world (engines: {self.engines}); "
@@ -514,8 +545,8 @@ class IPyParallelExecutor(Executor):
 
     @property
     def cluster_id(self) -> str | None:
-        """The id of the cluster this executor started, else ``None``."""
-        return None if self.cluster is None else self.cluster.cluster_id
+        """The id of the cluster this executor started or connected to (``None``: no id)."""
+        return self.cluster.cluster_id if self.cluster is not None else self._connected_id
 
     @property
     def engine_pids(self) -> list[int]:
@@ -603,9 +634,9 @@ class IPyParallelExecutor(Executor):
                 future.cancel()
         if wait:
             wait_futures(pending)
-        self._stop(wait=wait)
+        self._stop()
 
-    def _stop(self, wait: bool) -> None:
+    def _stop(self) -> None:
         with self._lock:
             self._shutdown = True
             pending = list(self._pending)
@@ -719,6 +750,49 @@ def translate_engine_error(
         return exc
     translated.__cause__ = exc
     return translated
+
+
+def _find_connection_file(
+    profile: str | None,
+    cluster_id: str | None,
+    profile_dir: str | os.PathLike | None,
+    timeout: float,
+) -> str:
+    """The client connection file of a running cluster; waits up to ``timeout`` for it to
+    appear (a cluster may still be starting), then raises ``ValueError`` naming the clusters
+    that do exist there."""
+    from IPython.core.profiledir import ProfileDir, ProfileDirError
+    from IPython.paths import get_ipython_dir
+
+    where = f"profile={profile!r}, cluster_id={cluster_id!r}, profile_dir={profile_dir!r}"
+    try:
+        if profile_dir is not None:
+            found = ProfileDir.find_profile_dir(str(profile_dir))
+        else:
+            found = ProfileDir.find_profile_dir_by_name(get_ipython_dir(), profile or "default")
+    except ProfileDirError as exc:
+        raise ValueError(
+            f"no IPython profile directory for {where} ({exc}); pass the profile_dir of the "
+            "running cluster, or omit profile=/cluster_id= to start a local cluster"
+        ) from exc
+    security = Path(found.security_dir)
+    name = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
+    path = security / name
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if path.exists():
+        return str(path)
+    running = sorted(
+        f.name[len("ipcontroller-") : -len("-client.json")] or "(no id)"
+        for f in security.glob("ipcontroller-*client.json")
+    )
+    raise ValueError(
+        f"no running ipyparallel cluster found for {where}: {path} did not appear within "
+        f"{timeout} s. Cluster ids with a connection file there: {running or 'none'}. Start one "
+        "with `ipcluster start -n N [--cluster-id=ID]`, or omit profile=/cluster_id= to start a "
+        "local cluster"
+    )
 
 
 def _weak_callback(method: Callable[[dict], None]) -> Callable[[dict], None]:

@@ -161,6 +161,13 @@ class MPIEngineJob:
     mpi_debug_log : bool
         Passed on to ``MPIWrapperCOB``.
 
+    Notes
+    -----
+    With ``background=True`` the callbacks run in the job's polling thread: a failing callback
+    is logged (ERROR, with its traceback) and the job goes on. For a live ipympl figure, update
+    the artists there and call ``fig.canvas.draw_idle()``. :meth:`poll` raises a callback's
+    exception in the calling thread instead.
+
     Attributes
     ----------
     executor : IPyParallelExecutor or None

@@ -536,7 +536,7 @@ class MPIWrapperCOB(ObjectiveFunctor):
             if self._released or self._closed:
                 return
             self._released = True
-            if self.size == 1:
+            if self.size == 1 or MPI.Is_finalized():
                 return
             self._drain_owed_replies()
             empty = b""
