@@ -134,8 +134,10 @@ def optimizer_cost(repeats: int, budget: int) -> dict:
                 candidate = opt.ask()
                 opt.tell(candidate, _cheap(candidate.value))
             per_pair.append((time.perf_counter() - start) / budget)
-        out[name] = {"ms_per_ask_tell": {k: 1e3 * v for k, v in _summary(per_pair).items()
-                                         if k != "runs"}, "budget": budget}
+        out[name] = {
+            "ms_per_ask_tell": {k: 1e3 * v for k, v in _summary(per_pair).items() if k != "runs"},
+            "budget": budget,
+        }
     return out
 
 

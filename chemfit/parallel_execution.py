@@ -15,7 +15,7 @@ from chemfit.execution.executor_wrapper_cob import ExecutorWrapperCOB
 
 __all__ = [
     "ExecutorWrapperCOB",
-    "MPIWrapperCOB",
+    "MPIWrapperCOB",  # noqa: F822 (resolved lazily by __getattr__)
     "as_completed_with_context",
     "map_with_context",
 ]

@@ -74,8 +74,10 @@ def main() -> None:
     for name in ("epsilon", "sigma"):
         error = abs(best[name] - true[name]) / true[name]
         print(f"{name:<10} {best[name]:>10.5f} {true[name]:>10.5f} {error:>8.2%}")
-    print(f"best loss {result.best_loss:.4g} meV² after {result.n_evals} evaluations "
-          f"in {result.wall_time:.1f} s on {args.workers} worker(s)")
+    print(
+        f"best loss {result.best_loss:.4g} meV² after {result.n_evals} evaluations "
+        f"in {result.wall_time:.1f} s on {args.workers} worker(s)"
+    )
 
 
 if __name__ == "__main__":

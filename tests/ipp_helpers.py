@@ -77,7 +77,7 @@ def build_cob(delay: float = 0.0) -> CombinedObjectiveFunction:
 
 
 def build_slow_cob() -> CombinedObjectiveFunction:
-    return build_cob(delay=0.01)
+    return build_cob(delay=0.02)
 
 
 def build_fails_on_rank_1() -> CombinedObjectiveFunction:

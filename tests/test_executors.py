@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import sys
@@ -156,13 +155,6 @@ def test_make_executor_missing_loky_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "loky", None)  # makes `import loky` fail
     with pytest.raises(ImportError, match=r"pip install 'chemfit\[loky\]'"):
         make_executor("loky")
-
-
-def test_make_executor_ipyparallel_without_its_module():
-    if importlib.util.find_spec("chemfit.execution.ipyparallel_executor") is not None:
-        pytest.skip("chemfit.execution.ipyparallel_executor exists; its own tests cover it")
-    with pytest.raises(ImportError, match="ipyparallel_executor"):
-        make_executor("ipyparallel", max_workers=1)
 
 
 # -- SerialExecutor ---------------------------------------------------------------------------------

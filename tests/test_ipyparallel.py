@@ -273,7 +273,14 @@ def test_connecting_checks_what_it_finds(local_ex):
         IPyParallelExecutor(
             cluster_id=local_ex.cluster_id, profile_dir=local_ex.profile_dir, mpi=True
         )
-    # Neither attempt disturbed the cluster.
+    # make_executor connects the same way; disconnecting leaves the cluster alone.
+    with make_executor(
+        "ipyparallel", cluster_id=local_ex.cluster_id, profile_dir=local_ex.profile_dir
+    ) as connected:
+        assert isinstance(connected, IPyParallelExecutor) and not connected.owns_cluster
+        assert connected.cluster_id == local_ex.cluster_id
+        assert sorted(connected.map(abs, [-1, -2, -3])) == [1, 2, 3]
+    # None of this disturbed the cluster.
     assert local_ex.n_engines == 2
     assert local_ex.submit(abs, -2).result(timeout=60) == 2
 

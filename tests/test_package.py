@@ -120,7 +120,9 @@ def test_top_level_reexports():
     assert set(TOP_LEVEL) | {"MPIWrapperCOB"} <= set(chemfit.__all__)
     from chemfit import combined_objective_function
 
-    assert chemfit.CombinedObjectiveFunction is combined_objective_function.CombinedObjectiveFunction
+    assert (
+        chemfit.CombinedObjectiveFunction is combined_objective_function.CombinedObjectiveFunction
+    )
     assert chemfit.__version__.count(".") >= 2
 
 

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 # On Python 3.10 concurrent.futures.TimeoutError is not the builtin TimeoutError.
 _TIMEOUT_ERRORS = (TimeoutError, cf.TimeoutError)
 _LOST_WORKER_NAMES = frozenset(
-    {"BrokenProcessPool", "TerminatedWorkerError", "EngineError", "KilledWorker"}
+    {"BrokenProcessPool", "TerminatedWorkerError", "EngineError", "KilledWorker", "WorkerLostError"}
 )
 
 

@@ -225,6 +225,11 @@ class MPIEngineJob:
             raise ValueError(f"n_engines must be a positive int, got {n_engines!r}")
         if executor is not None and (profile is not None or cluster_id is not None):
             raise TypeError("pass either executor= or profile=/cluster_id= (to connect), not both")
+        if executor is not None and not isinstance(executor, IPyParallelExecutor):
+            raise TypeError(
+                f"executor must be an IPyParallelExecutor with MPI engines, got "
+                f"{type(executor).__name__}; create it with IPyParallelExecutor(n, mpi=True)"
+            )
         if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
             raise ValueError(f"poll_interval must be a positive number, got {poll_interval!r}")
         self.build_objective = build_objective
@@ -278,8 +283,10 @@ class MPIEngineJob:
         try:
             self._ensure_executor()
             self._submit()
-        except BaseException:
+        except BaseException as exc:
             self.state = "failed"
+            self._outcome = ("error", exc)
+            self._finished.set()
             self._release_executor()
             raise
         self.state = "running"
@@ -298,11 +305,6 @@ class MPIEngineJob:
                 None if connecting else self.n_engines, mpi=True, timeout=self.timeout, **connect
             )
         executor = self.executor
-        if not isinstance(executor, IPyParallelExecutor):
-            raise TypeError(
-                f"executor must be an IPyParallelExecutor with MPI engines, got "
-                f"{type(executor).__name__}; create it with IPyParallelExecutor(n, mpi=True)"
-            )
         ranks = {eid: info.get("mpi_rank") for eid, info in executor.engines.items()}
         if executor.mpi_size is None or sorted(ranks.values()) != list(range(executor.mpi_size)):
             raise ValueError(
