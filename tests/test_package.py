@@ -241,3 +241,21 @@ def test_library_code_does_not_print():
             ):
                 offenders.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno}")
     assert offenders == []
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages explicitly (widgets/ maps to chemfit_widgets): none forgotten."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    pyproject = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(PACKAGE_DIR.parent).parts)
+        for init in PACKAGE_DIR.rglob("__init__.py")
+    }
+    widget_dir = PACKAGE_DIR.parent / "widgets"
+    found |= {
+        ".".join(("chemfit_widgets", *init.parent.relative_to(widget_dir).parts))
+        for init in widget_dir.rglob("__init__.py")
+    }
+    assert found == listed
