@@ -252,12 +252,15 @@ def test_checkpoint_valid_json_with_arrays_anywhere_in_meta(tmp_path):
 def test_checkpoint_is_atomic_replace_with_no_temp_files(tmp_path):
     path = tmp_path / "best.json"
     path.write_text("old checkpoint")
-    inode = os.stat(path).st_ino
-    checkpoint = CheckpointBestParameters(path)
-    for step, loss in enumerate([3.0, 2.0, 1.0]):
-        checkpoint(step, [StepContext(opt_loss=loss, opt_params={"a": loss}, opt_meta={})])
-    assert json.loads(path.read_text())["loss"] == 1.0
-    assert os.stat(path).st_ino != inode  # replaced, not rewritten in place
+    # The open handle keeps the old inode alive, so the filesystem cannot reuse its number.
+    with path.open() as old_file:
+        inode = os.fstat(old_file.fileno()).st_ino
+        checkpoint = CheckpointBestParameters(path)
+        for step, loss in enumerate([3.0, 2.0, 1.0]):
+            checkpoint(step, [StepContext(opt_loss=loss, opt_params={"a": loss}, opt_meta={})])
+        assert json.loads(path.read_text())["loss"] == 1.0
+        assert os.stat(path).st_ino != inode  # replaced, not rewritten in place
+        assert old_file.read() == "old checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
 
 

@@ -14,13 +14,12 @@ from concurrent import futures as cf
 from typing import Any
 
 from chemfit.core.context import EvaluateContext, ExecutorLike
-from chemfit.execution.executor_utils import (
-    _check_picklable,
-    _collect_calls,
-    _ContextTask,
-    _is_stdlib_process_pool,
-    _resolve_executor,
-    _translate,
+from chemfit.execution.context_tasks import ContextTask
+from chemfit.execution.task_errors import check_picklable, translate_call_error
+from chemfit.execution.task_submission import (
+    collect_calls,
+    is_stdlib_process_pool,
+    resolve_executor,
 )
 
 __all__ = ["async_eval_many", "async_eval_one"]
@@ -109,7 +108,7 @@ async def async_eval_many(
     ... )
     [6]
     """
-    calls, ctx_list = _collect_calls((params_list,), ctxs)
+    calls, ctx_list = collect_calls((params_list,), ctxs)
     if executor is None:
         outcomes = await asyncio.gather(
             *(asyncio.to_thread(obj, params, ctx) for params, ctx in calls),
@@ -120,10 +119,10 @@ async def async_eval_many(
                 raise outcome
         return list(outcomes)
 
-    resolved = _resolve_executor(executor)
-    if calls and _is_stdlib_process_pool(resolved):
-        _check_picklable(resolved, obj, calls[0])
-    task = _ContextTask(obj, resolved)
+    resolved = resolve_executor(executor)
+    if calls and is_stdlib_process_pool(resolved):
+        check_picklable(resolved, obj, calls[0])
+    task = ContextTask(obj, resolved)
     loop = asyncio.get_running_loop()
     awaitables = [_run_on(loop, resolved, task, call) for call in calls]
     outcomes = await asyncio.gather(*awaitables, return_exceptions=True)
@@ -132,7 +131,7 @@ async def async_eval_many(
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, BaseException):
             if first_failure is None:
-                first_failure = _translate(outcome, index, calls[index], resolved)
+                first_failure = translate_call_error(outcome, index, calls[index], resolved)
             results.append(None)
             continue
         value, state = outcome

@@ -36,21 +36,22 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 from chemfit.core.context import EvaluateContext, ExecutorLike
-from chemfit.core.exceptions import NotPicklableError, WorkerLostError
+from chemfit.core.exceptions import NotPicklableError
 from chemfit.core.objectives import ObjectiveFunctor, ensure_context
-from chemfit.execution.executor_utils import (
-    _PICKLE_ADVICE,
-    _attach_worker_traceback,
-    _cancel,
-    _is_lost_worker,
-    _is_pickling_error,
-    _is_stdlib_process_pool,
-    _portable_exception,
-    _runs_in_process,
-    _short_repr,
-    _submit_all,
-)
 from chemfit.execution.executors import SerialExecutor, as_executor
+from chemfit.execution.task_errors import (
+    PICKLE_ADVICE,
+    attach_worker_traceback,
+    portable_exception,
+    short_repr,
+    translate_task_error,
+)
+from chemfit.execution.task_submission import (
+    cancel_all,
+    is_stdlib_process_pool,
+    runs_in_process,
+    submit_all,
+)
 from chemfit.execution.worker_marks import MarkedCall, current_task_executor
 
 if TYPE_CHECKING:
@@ -154,14 +155,14 @@ def _ship(cob: Any, executor: Any) -> Any:
     fails too, loky raises :class:`NotPicklableError` as well, and any other executor is handed
     the objective as it is, since it may have a serializer of its own.
     """
-    if _is_stdlib_process_pool(executor):
+    if is_stdlib_process_pool(executor):
         try:
             data = pickle.dumps(cob, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise NotPicklableError(
                 f"{type(executor).__name__} cannot pickle the combined objective "
-                f"{_short_repr(cob)} to send it to a worker process: {type(exc).__name__}: "
-                f"{exc}. {_PICKLE_ADVICE}"
+                f"{short_repr(cob)} to send it to a worker process: {type(exc).__name__}: "
+                f"{exc}. {PICKLE_ADVICE}"
             ) from exc
     else:
         try:
@@ -170,7 +171,7 @@ def _ship(cob: Any, executor: Any) -> Any:
             if _uses_cloudpickle(executor):
                 raise NotPicklableError(
                     f"{type(executor).__name__} cannot pickle the combined objective "
-                    f"{_short_repr(cob)}, not even with cloudpickle: {type(exc).__name__}: "
+                    f"{short_repr(cob)}, not even with cloudpickle: {type(exc).__name__}: "
                     f"{exc}. Use a thread pool, or keep locks, open files and similar "
                     "resources out of the objective (create them lazily in the worker)."
                 ) from exc
@@ -254,7 +255,7 @@ def _evaluate_chunk(
             value = cob.evaluate_term(parameters, idx, child)
         except Exception as exc:
             seconds.append(clock() - start)
-            exception, text = _portable_exception(exc) if remote else (exc, None)
+            exception, text = portable_exception(exc) if remote else (exc, None)
             failure = (position, exception, text)
         else:
             seconds.append(clock() - start)
@@ -558,7 +559,7 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
             return cob(parameters, ctx)
         ctx = cob.prepare_context(parameters, ctx)
         n_terms = cob.n_terms()
-        remote = not _runs_in_process(executor)
+        remote = not runs_in_process(executor)
         shipped = _ship(cob, executor) if remote else cob
         chunks = self._plan(n_terms, executor)
         with ctx.child_contexts(n_terms, cob.child_context_configurator) as children:
@@ -611,7 +612,7 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
                 chunk_children = _PackedChildren.pack(chunk_children)
             return (cob, parameters, chunk, chunk_children, remote)
 
-        futures = _submit_all(executor, task, [task_args(chunk, first) for chunk in chunks])
+        futures = submit_all(executor, task, [task_args(chunk, first) for chunk in chunks])
         pending = deque(zip(chunks, futures))
         terms: list[float | None] = [None] * n_terms
         failures: list[tuple[int, BaseException]] = []
@@ -626,7 +627,7 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
                     continue
                 if output is None:  # that worker lacks the objective: send it this time
                     logger.debug("resending terms %s with the objective's data", chunk)
-                    (retry,) = _submit_all(executor, task, [task_args(chunk, shipped)])
+                    (retry,) = submit_all(executor, task, [task_args(chunk, shipped)])
                     futures.append(retry)
                     pending.append((chunk, retry))
                     continue
@@ -639,11 +640,11 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
                 self._times.record(n_terms, chunk, seconds)
                 if failure is not None:
                     position, exception, text = failure
-                    failures.append((chunk[position], _attach_worker_traceback(exception, text)))
+                    failures.append((chunk[position], attach_worker_traceback(exception, text)))
             finished = True
         finally:
             if not finished:  # KeyboardInterrupt and the like: drop what has not started
-                _cancel(futures)
+                cancel_all(futures)
         if isinstance(shipped, _ShippedCOB) and not failures:
             with self._lock:
                 self._shipped_to = (id(executor), shipped.token)
@@ -655,21 +656,13 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         self, exc: BaseException, chunk: list[int], parameters: dict, executor: Any
     ) -> BaseException:
         """A task's own failure (not a term's): WorkerLostError, NotPicklableError or as is."""
-        if _is_lost_worker(exc):
-            error: BaseException = WorkerLostError(
-                f"a worker of {type(executor).__name__} died while evaluating terms "
-                f"{chunk[0]}..{chunk[-1]} with parameters {_short_repr(parameters, 200)} "
-                f"({type(exc).__name__}: {exc}); create a new executor to continue",
-                index=chunk[0],
-                parameters=parameters,
-            )
-        elif _is_pickling_error(exc, executor):
-            error = NotPicklableError(
-                f"{type(executor).__name__} could not pickle the parameters, the child contexts "
-                f"or the results of terms {chunk[0]}..{chunk[-1]}: {type(exc).__name__}: {exc}. "
-                f"{_PICKLE_ADVICE}"
-            )
-        else:
-            return exc
-        error.__cause__ = exc
-        return error
+        return translate_task_error(
+            exc,
+            executor,
+            index=chunk[0],
+            parameters=parameters,
+            subject=f"terms {chunk[0]}..{chunk[-1]}",
+            lost_detail="",
+            lost_tail="; create a new executor to continue",
+            pickled_what="the parameters, the child contexts or the results",
+        )

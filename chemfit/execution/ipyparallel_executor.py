@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Executor, Future
@@ -44,6 +43,12 @@ from typing import Any
 
 from chemfit.core.context import EvaluateContext
 from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError, WorkerLostError
+from chemfit.execution.task_errors import (
+    exception_traceback,
+    looks_like_pickling_error,
+    pickled_exception,
+    shorten,
+)
 
 __all__ = [
     "IPyParallelExecutor",
@@ -85,18 +90,11 @@ _FAILED = "failed"
 
 def _capture_failure(exc: BaseException) -> dict:
     """Describe an exception so that the caller can raise it again (engine side)."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    pickled: bytes | None
-    try:
-        pickled = pickle.dumps(exc)
-        pickle.loads(pickled)  # exceptions with custom __init__ may not round-trip
-    except Exception:
-        pickled = None
     return {
         "type_name": type(exc).__qualname__,
         "message": str(exc),
-        "traceback": text,
-        "pickled": pickled,
+        "traceback": exception_traceback(exc),
+        "pickled": pickled_exception(exc),
         "pid": os.getpid(),
     }
 
@@ -228,12 +226,6 @@ def _world_size(engines: dict[int, dict]) -> int | None:
     return size if size == len(engines) else None
 
 
-def _is_pickling_error(exc: BaseException) -> bool:
-    if isinstance(exc, pickle.PicklingError):
-        return True
-    return isinstance(exc, (TypeError, AttributeError)) and "pickl" in str(exc).lower()
-
-
 def _function_name(fn: Any) -> str:
     """The name of the innermost function of wrappers that keep it in ``fn`` or ``func``."""
     for _ in range(5):
@@ -259,9 +251,7 @@ def _describe_call(fn: Callable[..., Any], args: tuple) -> str:
         text = f"parameters {parameters!r}"
     else:
         text = "arguments " + ", ".join(repr(a) for a in args)
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{_function_name(fn)} with {text}"
+    return f"{_function_name(fn)} with {shorten(text, 200)}"
 
 
 class _EngineFuture(Future):
@@ -580,7 +570,7 @@ class IPyParallelExecutor(Executor):
             ar = self.view.apply_async(RemoteCall(fn), *args, **kwargs)
         except Exception as exc:
             self._forget(future)
-            if _is_pickling_error(exc):
+            if looks_like_pickling_error(exc):
                 raise NotPicklableError(
                     f"cannot send {_describe_call(fn, args)} to the ipyparallel engines: "
                     f"{type(exc).__name__}: {exc}. Make the function and its arguments "

@@ -23,7 +23,6 @@ import logging
 import pickle
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from chemfit.core.context import EvaluateContext
 from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError
 from chemfit.core.objectives import ObjectiveFunctor, ensure_context
+from chemfit.execution.task_errors import exception_traceback, pickled_exception
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -197,18 +197,13 @@ def _describe_exception(exc: BaseException, term_index: int | None) -> _TermErro
         message = str(exc)
     except Exception:  # an exception whose __str__ fails
         message = f"<unprintable {type(exc).__name__}>"
-    try:
-        pickled: bytes | None = pickle.dumps(exc, protocol=_PICKLE_PROTOCOL)
-        pickle.loads(pickled)  # exceptions with custom __init__ often pickle but do not load
-    except Exception:
-        pickled = None
     return _TermError(
         kind="exception",
         term_index=term_index,
         type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",
         message=message,
-        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        pickled=pickled,
+        traceback=exception_traceback(exc),
+        pickled=pickled_exception(exc, protocol=_PICKLE_PROTOCOL),
     )
 
 

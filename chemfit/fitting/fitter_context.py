@@ -1,0 +1,324 @@
+"""The fitter's evaluation context and objective wrapper.
+
+:class:`FitterEvaluateContext` tracks the evaluation count and the best point seen, and carries
+them across workers (R1). :class:`FitterObjectiveFunctor` wraps an objective: it counts each
+evaluation, turns its return value into the loss to tell (R3, R4) and records the best (R7).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from types import SimpleNamespace
+from typing import Any
+
+from chemfit.core.context import EvaluateContext, ExecutorLike
+from chemfit.core.objectives import ObjectiveFunctor
+
+__all__ = [
+    "OPT_FIELDS",
+    "FitterEvaluateContext",
+    "FitterObjectiveFunctor",
+    "best_context",
+    "describe_bad_loss",
+    "raw_float",
+    "sanitise_loss",
+    "worker_contexts",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The tracking fields of a :class:`FitterEvaluateContext`, in the order they travel.
+OPT_FIELDS = ("n_evals", "opt_loss", "opt_params", "opt_meta", "opt_quantities")
+
+
+class FitterEvaluateContext(EvaluateContext):
+    """An evaluation context that also tracks the evaluation count and the best point seen.
+
+    Parameters
+    ----------
+    config, shared, executor
+        As for :class:`~chemfit.core.context.EvaluateContext`.
+
+    Attributes
+    ----------
+    n_evals : int
+        Evaluations (and replayed observations) counted in this context.
+    opt_loss : float or None
+        The lowest unpenalised loss seen.
+    opt_params, opt_meta, opt_quantities : dict or None
+        Deep copies of the parameters, meta and quantities of that evaluation.
+    last_evaluation : dict or None
+        ``{"raw_loss", "penalised", "error"}`` of the last evaluation; cleared by ``reset()``.
+
+    The five tracking fields travel to workers (pickling) and back (result state, R1), and
+    :meth:`reset` keeps them.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> ctx = FitterEvaluateContext()
+    >>> ctx.n_evals, ctx.opt_loss = 3, 0.5
+    >>> copy_ = pickle.loads(pickle.dumps(ctx))
+    >>> copy_.n_evals, copy_.opt_loss
+    (3, 0.5)
+    >>> other = FitterEvaluateContext()
+    >>> other.apply_result_state(ctx.to_result_state())
+    >>> other.reset()
+    >>> other.n_evals, other.opt_loss
+    (3, 0.5)
+    """
+
+    def __init__(
+        self,
+        config: SimpleNamespace | None = None,
+        shared: SimpleNamespace | None = None,
+        executor: ExecutorLike | None = None,
+    ) -> None:
+        super().__init__(config=config, shared=shared, executor=executor)
+        self.n_evals: int = 0
+        self.opt_loss: float | None = None
+        self.opt_params: dict | None = None
+        self.opt_meta: dict | None = None
+        self.opt_quantities: dict | None = None
+
+    def _clear_evaluation_state(self) -> None:
+        super()._clear_evaluation_state()
+        self.last_evaluation: dict | None = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for name in OPT_FIELDS:
+            state[name] = getattr(self, name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.n_evals = state.get("n_evals", 0)
+        for name in OPT_FIELDS[1:]:
+            setattr(self, name, state.get(name))
+
+    def to_result_state(self) -> dict:
+        """The base result state plus the five tracking fields and ``last_evaluation``."""
+        state = super().to_result_state()
+        for name in OPT_FIELDS:
+            state[name] = getattr(self, name)
+        state["last_evaluation"] = self.last_evaluation
+        return state
+
+    def apply_result_state(self, state: dict) -> None:
+        """Apply a worker's result state, including the tracking fields when present."""
+        super().apply_result_state(state)
+        for name in (*OPT_FIELDS, "last_evaluation"):
+            if name in state:
+                setattr(self, name, state[name])
+
+
+def describe_bad_loss(value: Any) -> str | None:
+    """Why ``value`` cannot be told as a loss (R3), or ``None`` when it is a real number.
+
+    Python numbers, numpy scalars and 0-d arrays of bool, int or float are real numbers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> describe_bad_loss(np.float32(1.5)) is None, describe_bad_loss(np.zeros(2))
+    (True, 'an array of shape (2,)')
+    """
+    if isinstance(value, numbers.Real):
+        return None
+    ndim = getattr(value, "ndim", None)
+    if ndim == 0 and getattr(getattr(value, "dtype", None), "kind", "") in "biuf":
+        return None
+    if ndim is not None and ndim >= 1:
+        return f"an array of shape {tuple(value.shape)}"
+    return f"a value of type {type(value).__name__} ({value!r:.60})"
+
+
+def sanitise_loss(value: Any, value_bad_params: float, parameters: Any) -> tuple[float, bool]:
+    """``(told value, penalised)`` for a loss, logging a WARNING when it is replaced (R3, R4).
+
+    Non-numeric and non-finite values are replaced by ``value_bad_params``.
+
+    Examples
+    --------
+    >>> sanitise_loss(2, 99.0, {"x": 1.0})
+    (2.0, False)
+    >>> sanitise_loss(float("inf"), 99.0, {"x": 1.0})
+    (99.0, True)
+    """
+    reason = describe_bad_loss(value)
+    if reason is None:
+        loss = float(value)
+        if math.isfinite(loss):
+            return loss, False
+        reason = f"the non-finite value {loss}"
+    logger.warning(
+        "the objective returned %s for parameters %s; telling value_bad_params=%g instead",
+        reason,
+        parameters,
+        value_bad_params,
+    )
+    return float(value_bad_params), True
+
+
+def raw_float(value: Any) -> float | None:
+    """``float(value)`` for a real number (NaN and infinity included), else ``None``.
+
+    Examples
+    --------
+    >>> raw_float(float("nan")), raw_float("1.0")
+    (nan, None)
+    """
+    return float(value) if describe_bad_loss(value) is None else None
+
+
+class FitterObjectiveFunctor(ObjectiveFunctor):
+    """Wraps an objective for the fitter: counts evaluations, sanitises losses, tracks the best.
+
+    Parameters
+    ----------
+    wrap_me : callable
+        The objective, called as ``wrap_me(parameters, ctx)``.
+    swallow_exceptions : bool
+        Tell ``value_bad_params`` instead of re-raising an ``Exception`` from the objective.
+    log_exceptions : bool
+        Log the traceback of an ``Exception`` from the objective.
+    value_bad_params : float
+        The penalty told for failed evaluations and for non-numeric or non-finite losses.
+
+    Examples
+    --------
+    >>> objective = FitterObjectiveFunctor(lambda p, ctx: p["x"] ** 2)
+    >>> ctx = FitterEvaluateContext()
+    >>> objective({"x": 2.0}, ctx), objective({"x": 1.0}, ctx)
+    (4.0, 1.0)
+    >>> ctx.n_evals, ctx.opt_loss, ctx.opt_params
+    (2, 1.0, {'x': 1.0})
+    """
+
+    def __init__(
+        self,
+        wrap_me: Callable[..., Any],
+        swallow_exceptions: bool = False,
+        log_exceptions: bool = True,
+        value_bad_params: float = 1e5,
+    ) -> None:
+        self.wrap_me = wrap_me
+        self.swallow_exceptions = swallow_exceptions
+        self.log_exceptions = log_exceptions
+        self.value_bad_params = value_bad_params
+
+    def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
+        if ctx is None:
+            ctx = FitterEvaluateContext()
+        try:
+            value = self.wrap_me(parameters, ctx)
+        except Exception as exc:
+            if self.log_exceptions:
+                logger.exception("the objective raised for parameters %s", parameters)
+            if not self.swallow_exceptions:
+                raise
+            if ctx.parameters is None:
+                ctx.parameters = parameters
+            loss = self._post_process(parameters, None, ctx, f"{type(exc).__name__}: {exc}")
+            ctx.loss = loss
+            return loss
+        return self._post_process(parameters, value, ctx, None)
+
+    def post_process_return_value(self, parameters: dict, value: Any, ctx: Any) -> float:
+        """Count the evaluation, turn ``value`` into the loss to tell and update ``opt_*``.
+
+        Numbers (Python, numpy scalars, 0-d arrays) are told as ``float(value)``; anything else,
+        and NaN or infinity, becomes ``value_bad_params`` with a WARNING (R3, R4). A penalised
+        value is never recorded as the best.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> objective = FitterObjectiveFunctor(None, value_bad_params=99.0)
+        >>> ctx = FitterEvaluateContext()
+        >>> objective.post_process_return_value({}, np.array(2.5), ctx)
+        2.5
+        >>> objective.post_process_return_value({}, float("nan"), ctx)
+        99.0
+        >>> ctx.n_evals, ctx.opt_loss
+        (2, 2.5)
+        """
+        return self._post_process(parameters, value, ctx, None)
+
+    def _post_process(self, parameters: dict, value: Any, ctx: Any, error: str | None) -> float:
+        ctx.n_evals = getattr(ctx, "n_evals", 0) + 1
+        if error is not None:
+            loss, penalised = float(self.value_bad_params), True
+        else:
+            loss, penalised = sanitise_loss(value, self.value_bad_params, parameters)
+        ctx.last_evaluation = {
+            "raw_loss": None if error is not None else raw_float(value),
+            "penalised": penalised,
+            "error": error,
+        }
+        best = getattr(ctx, "opt_loss", None)
+        if not penalised and (best is None or loss < best):
+            # opt_loss last: a callback reading another thread's context sees a consistent best.
+            ctx.opt_params = copy.deepcopy(parameters)
+            ctx.opt_meta = copy.deepcopy(ctx.meta)
+            ctx.opt_quantities = copy.deepcopy(ctx.quantities)
+            ctx.opt_loss = loss
+        return loss
+
+
+def best_context(contexts: Iterable[Any]) -> Any:
+    """The context with the lowest ``opt_loss``, or ``None`` when none has one.
+
+    Examples
+    --------
+    >>> a, b = FitterEvaluateContext(), FitterEvaluateContext()
+    >>> best_context([a, b]) is None
+    True
+    >>> a.opt_loss, b.opt_loss = 2.0, 1.0
+    >>> best_context([a, b]) is b
+    True
+    """
+    evaluated = [c for c in contexts if getattr(c, "opt_loss", None) is not None]
+    return min(evaluated, key=lambda c: c.opt_loss) if evaluated else None
+
+
+def worker_contexts(
+    num_workers: int, contexts: Iterable[FitterEvaluateContext] | None
+) -> list[FitterEvaluateContext]:
+    """One :class:`FitterEvaluateContext` per worker: fresh ones, or the given ones checked.
+
+    Raises
+    ------
+    ValueError
+        When ``contexts`` does not hold exactly ``num_workers`` contexts.
+    TypeError
+        When one of them is not a :class:`FitterEvaluateContext`.
+
+    Examples
+    --------
+    >>> len(worker_contexts(2, None))
+    2
+    >>> worker_contexts(2, [FitterEvaluateContext()])
+    Traceback (most recent call last):
+    ...
+    ValueError: contexts must hold num_workers=2 contexts, got 1; pass one FitterEvaluateContext per worker or None
+    """
+    if contexts is None:
+        return [FitterEvaluateContext() for _ in range(num_workers)]
+    ctx_list = list(contexts)
+    if len(ctx_list) != num_workers:
+        raise ValueError(
+            f"contexts must hold num_workers={num_workers} contexts, got "
+            f"{len(ctx_list)}; pass one FitterEvaluateContext per worker or None"
+        )
+    for index, ctx in enumerate(ctx_list):
+        if not isinstance(ctx, FitterEvaluateContext):
+            raise TypeError(
+                f"contexts[{index}] must be a FitterEvaluateContext, got {type(ctx).__name__}"
+            )
+    return ctx_list

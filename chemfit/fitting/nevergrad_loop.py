@@ -1,0 +1,165 @@
+"""The loops that drive a nevergrad optimizer: replayed observations, batch mode, async mode.
+
+Every step ends with ``flush(step)`` (record the told evaluations) and ``dispatch(step)`` (run
+the step callbacks), both supplied by the :class:`~chemfit.fitting.fitter.Fitter`. nevergrad
+is only touched on the calling (main) thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from chemfit.core.flatdict import unflatten_dict
+from chemfit.execution.executor_utils import map_with_context
+from chemfit.fitting.fit_session import FitSession
+from chemfit.fitting.fitter_context import sanitise_loss
+from chemfit.fitting.parameter_space import nested_floats
+
+__all__ = ["NevergradLoop", "candidate_params"]
+
+logger = logging.getLogger(__name__)
+
+
+def candidate_params(candidate: Any) -> dict:
+    """The nested float parameters of a candidate asked from a ``ng.p.Dict`` parametrization.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> candidate_params(SimpleNamespace(value={"a.b": 1}))
+    {'a': {'b': 1.0}}
+    """
+    return nested_floats(candidate.value.items())
+
+
+@dataclass
+class NevergradLoop:
+    """Drives ``optimizer`` for one fit, evaluating with ``objective`` in ``contexts``.
+
+    Attributes
+    ----------
+    session : FitSession
+        Evaluations are staged in it; it holds the executor.
+    optimizer
+        A nevergrad optimizer over a ``ng.p.Dict`` of flat keys.
+    contexts : sequence of FitterEvaluateContext
+        One per worker.
+    objective : callable
+        The :class:`~chemfit.fitting.fitter_context.FitterObjectiveFunctor`.
+    flush, dispatch : callable
+        Called with the step index when a step ends: record its evaluations, run callbacks.
+
+    Examples
+    --------
+    >>> import nevergrad as ng
+    >>> from chemfit.fitting.fitter_context import FitterEvaluateContext, FitterObjectiveFunctor
+    >>> session = FitSession(1, None, None, None, "nevergrad", "OnePlusOne", "batch", None, True,
+    ...                      0.0, [0])
+    >>> optimizer = ng.optimizers.OnePlusOne(ng.p.Dict(x=ng.p.Scalar(0.0)), budget=3)
+    >>> steps = []
+    >>> loop = NevergradLoop(session, optimizer, [FitterEvaluateContext()],
+    ...                      FitterObjectiveFunctor(lambda p, c: p["x"] ** 2),
+    ...                      flush=lambda step: session.flush(step, []), dispatch=steps.append)
+    >>> loop.run_batches(budget=3)
+    >>> steps, len(session.history)
+    ([0, 1, 2], 3)
+    """
+
+    session: FitSession
+    optimizer: Any
+    contexts: Sequence[Any]
+    objective: Callable[..., Any]
+    flush: Callable[[int], None]
+    dispatch: Callable[[int], None]
+
+    def replay(self, observations: list[tuple[dict[str, float], Any]], bad: float) -> None:
+        """Tell earlier observations: counted in ``contexts[0]``, no objective call, no callback.
+
+        A ``None`` loss, or one that sanitises to ``bad`` (``value_bad_params``), is told as
+        ``bad`` and never becomes the best.
+        """
+        ctx = self.contexts[0]
+        optimizer = self.optimizer
+        for values, loss in observations:
+            if loss is None:
+                told, penalised = bad, True
+            else:
+                told, penalised = sanitise_loss(loss, bad, values)
+                penalised = penalised or told == bad
+            optimizer.suggest(values)
+            candidate = optimizer.ask()
+            optimizer.tell(candidate, told)
+            ctx.n_evals += 1
+            self.session.n_observations += 1
+            if not penalised and (ctx.opt_loss is None or told < ctx.opt_loss):
+                ctx.opt_params = unflatten_dict(dict(values))
+                ctx.opt_meta = {}
+                ctx.opt_quantities = None
+                ctx.opt_loss = told
+        if observations:
+            logger.info("told %d initial observations", len(observations))
+
+    def run_batches(self, budget: int) -> None:
+        """Batch mode: ask ``num_workers`` candidates, evaluate, tell all; one step per batch."""
+        session, optimizer = self.session, self.optimizer
+        remaining, step = budget, 0
+        while remaining > 0:
+            n = min(session.num_workers, remaining)
+            candidates = [optimizer.ask() for _ in range(n)]
+            losses = session.evaluate_batch(
+                self.objective, self.contexts, [candidate_params(c) for c in candidates]
+            )
+            for candidate, loss in zip(candidates, losses):
+                optimizer.tell(candidate, loss)
+            self.flush(step)
+            self.dispatch(step)
+            remaining -= n
+            step += 1
+
+    def _evaluate_slot(self, executor: Any, params: dict, ctx: Any) -> float:
+        """Runs in a driver thread: one evaluation on the executor, state applied to ``ctx``."""
+        return map_with_context(executor, self.objective, [params], ctxs=[ctx])[0]
+
+    def run_async(self, budget: int) -> None:
+        """Steady state: up to ``num_workers`` evaluations in flight, each told on arrival.
+
+        Driver threads wait on the executor (through ``map_with_context``, so error handling
+        and context states are those of a batch); a step ends every ``num_workers`` tells.
+        """
+        session, optimizer = self.session, self.optimizer
+        n_workers = session.num_workers
+        drivers = ThreadPoolExecutor(n_workers, thread_name_prefix="chemfit-async")
+        in_flight: dict[Any, tuple[int, Any, dict, int]] = {}
+        free = list(range(n_workers))
+        asked = told = step = 0
+        try:
+            while told < budget:
+                while free and asked < budget:
+                    slot = free.pop(0)
+                    candidate = optimizer.ask()
+                    params = candidate_params(candidate)
+                    ctx = self.contexts[slot]
+                    ctx.reset()
+                    future = drivers.submit(self._evaluate_slot, session.executor, params, ctx)
+                    in_flight[future] = (asked, candidate, params, slot)
+                    asked += 1
+                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: in_flight[f][0]):
+                    _, candidate, params, slot = in_flight.pop(future)
+                    loss = float(future.result())
+                    optimizer.tell(candidate, loss)
+                    session.stage(self.contexts[slot], params, slot, loss)
+                    self.flush(step)
+                    told += 1
+                    free.append(slot)
+                    if told % n_workers == 0 or told == budget:
+                        self.dispatch(step)
+                        step += 1
+        finally:
+            for future in in_flight:
+                future.cancel()
+            drivers.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,106 @@
+"""Finding optimizers: nevergrad registry look-up with suggestions, scipy method capabilities.
+
+nevergrad and scipy are imported on first use.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from chemfit.core.exceptions import UnknownOptimizerError
+
+__all__ = [
+    "SCIPY_METHODS_WITHOUT_BOUNDS",
+    "nevergrad_optimizer_class",
+    "scipy_ignores_bounds",
+    "scipy_method_name",
+]
+
+#: ``scipy.optimize.minimize`` methods that ignore bounds (scipy only warns about them).
+SCIPY_METHODS_WITHOUT_BOUNDS = frozenset(
+    {"cg", "bfgs", "newton-cg", "dogleg", "trust-ncg", "trust-exact", "trust-krylov"}
+)
+
+_COMMON_CHOICES = "NgIohTuned, NGOpt, OnePlusOne, CMA, TwoPointsDE"
+
+
+def nevergrad_optimizer_class(name: Any) -> Any:
+    """The optimizer class registered under ``name`` in ``nevergrad.optimizers.registry``.
+
+    Raises
+    ------
+    TypeError
+        When ``name`` is not a string.
+    UnknownOptimizerError
+        When no optimizer has that name; the message lists the closest names (a match that
+        differs only in case first) or, without any, some common choices.
+
+    Examples
+    --------
+    >>> nevergrad_optimizer_class("OnePlusOne") is not None
+    True
+    >>> try:
+    ...     nevergrad_optimizer_class("oneplusone")
+    ... except UnknownOptimizerError as exc:
+    ...     print("closest names: OnePlusOne" in str(exc))
+    True
+    """
+    import nevergrad as ng
+
+    registry = ng.optimizers.registry
+    if not isinstance(name, str):
+        raise TypeError(
+            f"optimizer_str must be the name of a nevergrad optimizer, got {name!r} "
+            f"({type(name).__name__})"
+        )
+    if name in registry:
+        return registry[name]
+    names = list(registry)
+    by_case = [n for n in names if n.lower() == name.lower()]
+    close = by_case + [
+        n for n in difflib.get_close_matches(name, names, n=5, cutoff=0.5) if n not in by_case
+    ]
+    suggestion = (
+        f"closest names: {', '.join(close)}" if close else f"common choices: {_COMMON_CHOICES}"
+    )
+    raise UnknownOptimizerError(
+        f"optimizer_str {name!r} is not in nevergrad.optimizers.registry ({suggestion}); "
+        "pass one of its keys"
+    )
+
+
+def scipy_ignores_bounds(method: Any) -> bool:
+    """Whether ``scipy.optimize.minimize(method=method)`` ignores ``bounds=``.
+
+    A callable (custom minimizer) receives the bounds and decides itself, so it does not count.
+    COBYLA supports bounds from scipy 1.11 on and Nelder-Mead from 1.7 on.
+
+    Examples
+    --------
+    >>> scipy_ignores_bounds("BFGS"), scipy_ignores_bounds("L-BFGS-B")
+    (True, False)
+    """
+    if not isinstance(method, str):
+        return False  # a custom minimizer: it receives bounds and decides itself
+    name = method.lower()
+    if name in SCIPY_METHODS_WITHOUT_BOUNDS:
+        return True
+    import scipy
+
+    major_minor = tuple(int(part) for part in scipy.__version__.split(".")[:2])
+    return (name == "cobyla" and major_minor < (1, 11)) or (
+        name == "nelder-mead" and major_minor < (1, 7)
+    )
+
+
+def scipy_method_name(method: Any) -> str:
+    """The name of a ``minimize`` method: the string itself, or a custom minimizer's name.
+
+    Examples
+    --------
+    >>> def my_minimizer(fun, x0, args, **options): ...
+    >>> scipy_method_name("Powell"), scipy_method_name(my_minimizer)
+    ('Powell', 'my_minimizer')
+    """
+    return method if isinstance(method, str) else getattr(method, "__name__", "custom")
