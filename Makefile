@@ -1,13 +1,20 @@
 # Two commands set up everything on a fresh machine:
 #   make test   - create .venv, install chemfit with its test extras, run the whole suite
 #   make demo   - same set-up, then fit a Lennard-Jones dimer in the terminal
-#   make lab    - (until the notebooks land) the same as make demo
+#   make lab    - same set-up, then JupyterLab on notebooks/ (http://127.0.0.1:8888, token printed)
+#   make docs   - build the documentation into docs/_build/html (warnings are errors)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lab lint format bench clean
+# make lab LAB_PORT=9000 LAB_IP=0.0.0.0 LAB_OPTS=--no-browser LAB_TOKEN=... (default: a new token)
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
+LAB_OPTS ?=
+LAB_TOKEN ?=
+
+.PHONY: setup test demo lab docs lint format bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +31,20 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/lj_dimer_fit.py
 
-lab: demo
+# The venv's bin goes first on PATH, so that kernels and terminals find its python and mpiexec.
+# --allow-root only when running as root (JupyterLab refuses to start as root without it).
+lab: $(STAMP)
+	@token="$(LAB_TOKEN)"; \
+	if [ -z "$$token" ]; then token=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))'); fi; \
+	root=$$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi); \
+	echo "JupyterLab on notebooks/: http://$(LAB_IP):$(LAB_PORT)/lab?token=$$token"; \
+	export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	exec $(BIN)/jupyter lab --ip=$(LAB_IP) --port=$(LAB_PORT) \
+		--ServerApp.port_retries=0 --ServerApp.root_dir="$(CURDIR)/notebooks" \
+		--IdentityProvider.token="$$token" $$root $(LAB_OPTS)
+
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -b html -d docs/_build/doctrees docs docs/_build/html
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -38,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/notebooks

@@ -732,3 +732,29 @@ def test_fit_result_fields_and_exports():
     html = result._repr_html_()
     assert "lj.eps" in html and "best loss" in html
     assert "nevergrad" in repr(result)
+
+
+@pytest.mark.timeout(240)
+def test_resume_with_a_scipy_based_meta_optimizer_does_not_hang(caplog):
+    """NgIohTuned (the default) delegates to a scipy minimiser that hangs in nevergrad 1.0 once
+    told foreign points: the observations are counted, not told, and the fit restarts from the
+    best of them."""
+    rng = np.random.default_rng(0)
+    bounds = {"x": (-5.0, 5.0), "y": (-5.0, 5.0)}
+
+    def objective(p):
+        return (p["x"] - 1.0) ** 2 + (p["y"] + 0.5) ** 2
+
+    observations = []
+    for _ in range(60):
+        point = {"x": float(rng.uniform(-5, 5)), "y": float(rng.uniform(-5, 5))}
+        observations.append((point, objective(point)))
+    best_observed = min(loss for _, loss in observations)
+    fitter = Fitter(objective, {"x": 0.0, "y": 0.0}, bounds=bounds)
+    with caplog.at_level(logging.WARNING, logger="chemfit"):
+        fitter.fit_nevergrad(budget=40, initial_observations=observations, seed=0)
+    assert "cannot be told earlier observations" in caplog.text
+    result = fitter.result
+    assert result.n_observations == 60 and result.n_evals == 40
+    assert result.history[0].parameters == min(observations, key=lambda o: o[1])[0]
+    assert result.best_loss <= best_observed

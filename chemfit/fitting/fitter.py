@@ -39,6 +39,7 @@ from chemfit.fitting.fitter_context import (
 )
 from chemfit.fitting.nevergrad_loop import NevergradLoop
 from chemfit.fitting.optimizer_lookup import (
+    delegates_to_scipy,
     nevergrad_optimizer_class,
     scipy_ignores_bounds,
     scipy_method_name,
@@ -573,6 +574,16 @@ class Fitter:
                 budget=budget + len(replay),
                 num_workers=num_workers,
             )
+            start = dict(flat)
+            tell_replay = not (replay and delegates_to_scipy(optimizer))
+            if not tell_replay:
+                start = self._restart_point(optimizer_str, replay, start)
+                parametrization = nevergrad_parametrization(flat, flat_bounds)
+                if seed is not None:
+                    parametrization.random_state.seed(int(seed))
+                optimizer = optimizer_cls(
+                    parametrization=parametrization, budget=budget, num_workers=num_workers
+                )
             loop = NevergradLoop(
                 session,
                 optimizer,
@@ -581,8 +592,8 @@ class Fitter:
                 flush=lambda step: session.flush(step, self.evaluation_callbacks),
                 dispatch=lambda step: self._dispatch_step(session, step),
             )
-            loop.replay(replay, float(self.value_bad_params))
-            optimizer.suggest(dict(flat))
+            loop.replay(replay, float(self.value_bad_params), tell=tell_replay)
+            optimizer.suggest(start)
             if mode == "async" and num_workers > 1:
                 loop.run_async(budget)
             else:
@@ -593,6 +604,27 @@ class Fitter:
             self._abort(session, exc)
             raise
         return self.finish(opt_params)
+
+    def _restart_point(
+        self, optimizer_str: str, replay: list[tuple[dict[str, float], Any]], start: dict
+    ) -> dict:
+        """The best finite observation, where a fit restarts when its optimizer cannot be told
+        the observations (nevergrad's scipy-based optimizers hang on foreign points)."""
+        finite = [
+            (float(loss), values)
+            for values, loss in replay
+            if loss is not None and math.isfinite(float(loss)) and float(loss) < self.value_bad_params
+        ]
+        best = dict(min(finite, key=lambda item: item[0])[1]) if finite else start
+        logger.warning(
+            "%s runs a scipy minimiser that cannot be told earlier observations (nevergrad "
+            "hangs on them), so the %d observations are counted but not told: the fit restarts "
+            "from the best observed point. Use OnePlusOne, CMA, TwoPointsDE or NGOpt to let the "
+            "optimizer learn from them.",
+            optimizer_str,
+            len(replay),
+        )
+        return best
 
     # -- scipy --------------------------------------------------------------------------------
 

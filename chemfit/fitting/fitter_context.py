@@ -54,6 +54,8 @@ class FitterEvaluateContext(EvaluateContext):
     last_evaluation : dict or None
         ``{"raw_loss", "penalised", "error"}`` of the last evaluation; cleared by ``reset()``.
 
+    Notes
+    -----
     The five tracking fields travel to workers (pickling) and back (result state, R1), and
     :meth:`reset` keeps them.
 

@@ -76,11 +76,14 @@ class NevergradLoop:
     flush: Callable[[int], None]
     dispatch: Callable[[int], None]
 
-    def replay(self, observations: list[tuple[dict[str, float], Any]], bad: float) -> None:
+    def replay(
+        self, observations: list[tuple[dict[str, float], Any]], bad: float, *, tell: bool = True
+    ) -> None:
         """Tell earlier observations: counted in ``contexts[0]``, no objective call, no callback.
 
         A ``None`` loss, or one that sanitises to ``bad`` (``value_bad_params``), is told as
-        ``bad`` and never becomes the best.
+        ``bad`` and never becomes the best. With ``tell=False`` they are only counted (for
+        optimizers that cannot take points they did not propose).
         """
         ctx = self.contexts[0]
         optimizer = self.optimizer
@@ -90,9 +93,10 @@ class NevergradLoop:
             else:
                 told, penalised = sanitise_loss(loss, bad, values)
                 penalised = penalised or told == bad
-            optimizer.suggest(values)
-            candidate = optimizer.ask()
-            optimizer.tell(candidate, told)
+            if tell:
+                optimizer.suggest(values)
+                candidate = optimizer.ask()
+                optimizer.tell(candidate, told)
             ctx.n_evals += 1
             self.session.n_observations += 1
             if not penalised and (ctx.opt_loss is None or told < ctx.opt_loss):
@@ -100,7 +104,7 @@ class NevergradLoop:
                 ctx.opt_meta = {}
                 ctx.opt_quantities = None
                 ctx.opt_loss = told
-        if observations:
+        if observations and tell:
             logger.info("told %d initial observations", len(observations))
 
     def run_batches(self, budget: int) -> None:

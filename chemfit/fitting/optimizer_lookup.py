@@ -12,6 +12,7 @@ from chemfit.core.exceptions import UnknownOptimizerError
 
 __all__ = [
     "SCIPY_METHODS_WITHOUT_BOUNDS",
+    "delegates_to_scipy",
     "nevergrad_optimizer_class",
     "scipy_ignores_bounds",
     "scipy_method_name",
@@ -104,3 +105,37 @@ def scipy_method_name(method: Any) -> str:
     ('Powell', 'my_minimizer')
     """
     return method if isinstance(method, str) else getattr(method, "__name__", "custom")
+
+
+def delegates_to_scipy(optimizer: Any) -> bool:
+    """Whether a nevergrad optimizer runs a scipy minimiser in a thread (a "recast" optimizer).
+
+    Meta-optimizers such as ``NgIohTuned`` choose sub-optimizers; this walks that tree. In
+    nevergrad 1.0, such optimizers hang in ``ask()`` once they have been told points they did
+    not propose, so the Fitter never replays observations into them.
+
+    Examples
+    --------
+    >>> import nevergrad as ng
+    >>> space = ng.p.Dict(x=ng.p.Scalar(0.0, lower=-1, upper=1), y=ng.p.Scalar(0.0))
+    >>> delegates_to_scipy(ng.optimizers.registry["Cobyla"](space, budget=10))
+    True
+    >>> delegates_to_scipy(ng.optimizers.registry["OnePlusOne"](space, budget=10))
+    False
+    """
+    from nevergrad.optimization.recaster import SequentialRecastOptimizer
+
+    seen: list[Any] = []
+    pending = [optimizer]
+    while pending:
+        current = pending.pop()
+        if any(current is other for other in seen):
+            continue
+        seen.append(current)
+        if isinstance(current, SequentialRecastOptimizer):
+            return True
+        inner = getattr(current, "optim", None)  # NGOpt-style selection (lazy property)
+        if inner is not None:
+            pending.append(inner)
+        pending.extend(getattr(current, "optimizers", None) or [])  # chains and portfolios
+    return False
