@@ -613,7 +613,9 @@ class Fitter:
         finite = [
             (float(loss), values)
             for values, loss in replay
-            if loss is not None and math.isfinite(float(loss)) and float(loss) < self.value_bad_params
+            if loss is not None
+            and math.isfinite(float(loss))
+            and float(loss) < self.value_bad_params
         ]
         best = dict(min(finite, key=lambda item: item[0])[1]) if finite else start
         logger.warning(
