@@ -54,8 +54,13 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Each script prints JSON (min and median over repeats; ratios measured side by side in one run).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_map_with_context.py
+	$(BIN)/python benchmarks/bench_cob_wrappers.py
+	$(BIN)/python benchmarks/bench_mpi_wrapper_cob.py
+	$(BIN)/python benchmarks/bench_fitter.py
+	$(BIN)/python benchmarks/bench_live_plot.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/notebooks

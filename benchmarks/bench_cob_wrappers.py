@@ -19,8 +19,7 @@ Run::
 
     .venv/bin/python benchmarks/bench_cob_wrappers.py [--repeats 9] [--workers 2] [--case cheap]
 
-MPI: ``--mpi`` is reserved for the MPIWrapperCOB part (see :func:`bench_mpi`), to be run as
-``mpiexec -n 2 .venv/bin/python benchmarks/bench_cob_wrappers.py --mpi``; it is not written yet.
+MPIWrapperCOB on the same two cases is measured by ``benchmarks/bench_mpi_wrapper_cob.py``.
 """
 
 from __future__ import annotations
@@ -176,35 +175,16 @@ def check_targets(results: dict) -> dict:
     return verdicts
 
 
-# -- MPI (to be added) ------------------------------------------------------------------------
-
-
-def bench_mpi(repeats: int, cases: list[str]) -> dict:
-    """MPIWRAPPERCOB BENCHMARK: placeholder for the MPIWrapperCOB part.
-
-    Intended contract: run under ``mpiexec -n N``; every rank calibrates nothing itself but
-    receives ``n_iter`` from rank 0 (``comm.bcast``), builds ``build_cob(case, n_iter)``, opens
-    ``with MPIWrapperCOB(cob) as mpi:``; rank 0 times ``mpi(PARAMS, EvaluateContext())``
-    ``repeats`` times against serial, checks the value bitwise and returns the same JSON shape
-    as :func:`bench_executors` (keys ``"mpi/<size>"``); the other ranks run ``worker_loop()``.
-    """
-    raise SystemExit("the --mpi mode of this benchmark is not written yet (see bench_mpi)")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9, help="timed calls per mode (>= 5)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all")
-    parser.add_argument("--mpi", action="store_true", help="MPIWrapperCOB mode (not written yet)")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be >= 5")
     cases = args.case or list(CASES)
-    if args.mpi:
-        results = bench_mpi(args.repeats, cases)
-    else:
-        results = bench_executors(args.repeats, args.workers, cases)
+    results = bench_executors(args.repeats, args.workers, cases)
     report = {
         "machine": {
             "python": platform.python_version(),

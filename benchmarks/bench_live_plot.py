@@ -1,0 +1,197 @@
+"""What the live plot costs a fast fit: chemfit_widgets.LivePlot on a 2000-evaluation fit.
+
+A cheap 2-parameter objective is fitted with ``fit_nevergrad(budget=2000)`` (``OnePlusOne`` by
+default: the fastest optimizer, so the plot's share is the largest) in one process, side by
+side and interleaved:
+
+* ``none``: the fit alone;
+* ``png``: with a ``LivePlot(backend="png")`` as evaluation callback; frames are rendered to
+  PNG in the fit's thread, plus the final frame after the fit (``plot.finish()``);
+* ``ipympl``: with a ``LivePlot(backend="ipympl")``; a thread stands in for the browser and
+  the kernel's main thread: it answers each frame request the way the front end does (ipympl
+  then draws in that thread), so drawing competes with the fit for the GIL as in a notebook;
+* ``dashboard``: a whole ``FitDashboard`` (serial executor, PNG plot, progress bar, best-loss
+  text and table), started and waited for.
+
+For each case the report gives the fit's wall time (until ``fit_nevergrad`` returns, and with
+the final frame), the wall-time overhead relative to ``none`` (min and median over repeats;
+on a busy machine this is dominated by timing noise), the frames drawn while the fit ran, the
+time they took as a fraction of the fit's time (the plotting cost itself), and the final frame
+drawn after the fit. Target: plotting < 5 % of the fit.
+
+Usage: ``python benchmarks/bench_live_plot.py [--repeats N] [--budget B] [--optimizer NAME]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import statistics
+import threading
+import time
+
+from chemfit import Fitter
+
+
+def _cheap(parameters: dict) -> float:
+    return (parameters["x"] - 1.0) ** 2 + (parameters["y"] + 0.5) ** 2
+
+
+def _fitter() -> Fitter:
+    return Fitter(_cheap, {"x": 0.0, "y": 0.0}, bounds={"x": (-5, 5), "y": (-5, 5)})
+
+
+class _FrontEnd:
+    """Answers an ipympl canvas's frame requests in a thread, like the browser + kernel do."""
+
+    def __init__(self, canvas) -> None:
+        self.canvas = canvas
+        self.requests: queue.Queue = queue.Queue()
+        original = canvas.send_json
+
+        def send_json(content):
+            if content.get("type") == "draw":
+                self.requests.put(True)
+            else:
+                original(content)
+
+        canvas.send_json = send_json
+        canvas._handle_message(canvas, {"type": "initialized"}, [])
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.requests.get() is not None:
+            self.canvas.manager.handle_json({"type": "draw"})
+            self.requests.task_done()
+        self.requests.task_done()
+
+    def drain(self) -> None:
+        self.requests.join()
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.thread.join()
+
+
+def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
+    from chemfit_widgets import FitDashboard, LivePlot
+
+    fitter = _fitter()
+    kwargs = {"budget": budget, "optimizer_str": optimizer, "seed": seed, "progress": False}
+    if case == "none":
+        start = time.perf_counter()
+        fitter.fit_nevergrad(**kwargs)
+        fit = time.perf_counter() - start
+        return {"fit": fit, "total": fit, "frames": 0, "draw_s": 0.0, "final_s": 0.0}
+    if case == "dashboard":
+        dash = FitDashboard(
+            fitter,
+            budget=budget,
+            optimizer=optimizer,
+            kind="serial",
+            plot_options={"backend": "png"},
+            fit_options={"seed": seed},
+        )
+        start = time.perf_counter()
+        dash.start()
+        dash.wait(timeout=600)
+        total = time.perf_counter() - start
+        final = dash.plot._last_cost or 0.0  # the dashboard draws the final frame itself
+        out = {
+            "fit": fitter.result.wall_time,
+            "total": total,
+            "frames": dash.plot.draw_count - 1,
+            "draw_s": dash.plot.draw_seconds - final,
+            "final_s": final,
+        }
+        dash.close()
+        return out
+    plot = LivePlot(backend=case)
+    front_end = _FrontEnd(plot._canvas) if case == "ipympl" else None
+    # As the dashboard does at Start: the clock starts, the panels and axes are set up and the
+    # empty frame is drawn (outside the drawing budget; here before the fit's clock starts).
+    plot.reset(expected=budget, names=["x", "y"], bounds=fitter.bounds)
+    if front_end is not None:
+        front_end.drain()
+    fitter.register_evaluation_callback(plot)
+    start = time.perf_counter()
+    fitter.fit_nevergrad(**kwargs)
+    fit = time.perf_counter() - start
+    frames, drawing = plot.draw_count, plot.draw_seconds  # frames drawn while the fit ran
+    plot.finish()
+    if front_end is not None:
+        front_end.drain()
+    total = time.perf_counter() - start
+    out = {
+        "fit": fit,
+        "total": total,
+        "frames": frames,
+        "draw_s": drawing,
+        "final_s": plot.draw_seconds - drawing,
+    }
+    if front_end is not None:
+        front_end.close()
+    plot.close()
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=2000)
+    parser.add_argument("--optimizer", default="OnePlusOne")
+    parser.add_argument("--cases", default="none,png,ipympl,dashboard")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    cases = args.cases.split(",")
+    if "none" not in cases:
+        cases.insert(0, "none")
+    _run_case("none", 50, args.optimizer, 0)  # warm-up: imports and first-use caches
+    for case in cases[1:]:
+        _run_case(case, 50, args.optimizer, 0)
+    runs: dict[str, list[dict]] = {case: [] for case in cases}
+    for repeat in range(args.repeats):
+        # Interleaved, in alternating order, so that drifts in machine load hit every case.
+        for case in cases if repeat % 2 == 0 else cases[::-1]:
+            runs[case].append(_run_case(case, args.budget, args.optimizer, seed=repeat))
+    base = [r["fit"] for r in runs["none"]]
+    report: dict = {
+        "budget": args.budget,
+        "optimizer": args.optimizer,
+        "repeats": args.repeats,
+        "target": "overhead < 0.05",
+        "none_fit_s": _summary(base),
+    }
+    for case in cases[1:]:
+        fits = [r["fit"] for r in runs[case]]
+        totals = [r["total"] for r in runs[case]]
+        report[case] = {
+            "fit_s": _summary(fits),
+            "with_final_frame_s": _summary(totals),
+            "overhead": {
+                "min_ratio": min(fits) / min(base) - 1.0,
+                "median_ratio": statistics.median(fits) / statistics.median(base) - 1.0,
+            },
+            "overhead_with_final_frame": {
+                "min_ratio": min(totals) / min(base) - 1.0,
+                "median_ratio": statistics.median(totals) / statistics.median(base) - 1.0,
+            },
+            "frames_during_fit": _summary([r["frames"] for r in runs[case]]),
+            "drawing_during_fit_s": _summary([r["draw_s"] for r in runs[case]]),
+            # Drawing time over the fit's time: the cost, free of the machine's timing noise.
+            "drawing_fraction_of_fit": _summary([r["draw_s"] / r["fit"] for r in runs[case]]),
+            "final_frame_s": _summary([r["final_s"] for r in runs[case]]),
+            "final_frame_fraction_of_fit": _summary([r["final_s"] / r["fit"] for r in runs[case]]),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
