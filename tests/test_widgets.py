@@ -20,6 +20,8 @@ pytest.importorskip("matplotlib")
 psutil = pytest.importorskip("psutil")
 
 import chemfit_widgets  # noqa: E402
+from chemfit import Fitter  # noqa: E402
+from chemfit.core.combined import CombinedObjectiveFunction  # noqa: E402
 from chemfit_widgets import (  # noqa: E402
     ExecutorPicker,
     FitDashboard,
@@ -31,9 +33,6 @@ from chemfit_widgets import (  # noqa: E402
     live_plot,
     messages,
 )
-
-from chemfit import Fitter  # noqa: E402
-from chemfit.core.combined import CombinedObjectiveFunction  # noqa: E402
 from tests import widget_helpers as h  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
