@@ -75,6 +75,14 @@ class ChildContextConfigurator(Protocol):
 LossFunction = Callable[[dict], float] | Callable[[dict, dict], float]
 
 
+def _copy_config(config: Any) -> Any:
+    """A deep copy of ``config``; an empty namespace (the common case) skips ``deepcopy``, which
+    costs ~20 us per child and dominates combined objectives of many cheap terms."""
+    if type(config) is SimpleNamespace and not vars(config):
+        return SimpleNamespace()
+    return copy.deepcopy(config)
+
+
 class EvaluateContext:
     """The state of one evaluation of an objective function.
 
@@ -161,7 +169,7 @@ class EvaluateContext:
 
     def _new_child(self) -> EvaluateContext:
         return EvaluateContext(
-            config=copy.deepcopy(self.config), shared=self.shared, executor=self.executor
+            config=_copy_config(self.config), shared=self.shared, executor=self.executor
         )
 
     def spawn_children(
