@@ -310,12 +310,20 @@ def test_async_tells_results_as_they_arrive():
 
 
 @pytest.mark.timeout(30)
-def test_async_error_ends_the_fit_with_result():
-    fitter = Fitter(h.fails_for_negative, {"x": 1.0}, bounds={"x": (-3.0, 3.0)})
-    with pytest.raises(ValueError, match="negative"):
-        fitter.fit_nevergrad(budget=200, optimizer_str="OnePlusOne", num_workers=2, mode="async")
-    assert fitter.result.error.startswith("ValueError: negative")
-    assert fitter.result.best_loss == min(r.loss for r in fitter.result.history)
+@pytest.mark.parametrize("mode", ["batch", "async"])
+def test_error_ends_the_fit_with_every_finished_evaluation_kept(mode):
+    """The evaluations that finished beside the failing one are in the history, so the best
+    reported is the best recorded (both modes; async once lost them in a race)."""
+    for seed in range(5):
+        fitter = Fitter(h.fails_for_negative, {"x": 1.0}, bounds={"x": (-3.0, 3.0)})
+        with pytest.raises(ValueError, match="negative"):
+            fitter.fit_nevergrad(
+                budget=200, optimizer_str="OnePlusOne", num_workers=2, mode=mode, seed=seed
+            )
+        result = fitter.result
+        assert result.error.startswith("ValueError: negative")
+        assert result.best_loss == min(r.loss for r in result.history)
+        assert len(result.history) == result.n_evals  # every counted evaluation is recorded
 
 
 # -- budget and steps (R17) -------------------------------------------------------------------

@@ -91,10 +91,17 @@ class FitSession:
         ctxs = contexts[: len(params_list)]
         for ctx in ctxs:
             ctx.reset()
-        if self.executor is None:
-            losses = [objective(p, c) for p, c in zip(params_list, ctxs)]
-        else:
-            losses = map_with_context(self.executor, objective, params_list, ctxs=ctxs)
+        try:
+            if self.executor is None:
+                losses = [objective(p, c) for p, c in zip(params_list, ctxs)]
+            else:
+                losses = map_with_context(self.executor, objective, params_list, ctxs=ctxs)
+        except Exception:
+            # The evaluations that did finish are real results: keep them for the history.
+            for index, (params, ctx) in enumerate(zip(params_list, ctxs)):
+                if getattr(ctx, "last_evaluation", None) is not None:
+                    self.stage(ctx, params, index, ctx.loss)
+            raise
         for index, (params, loss) in enumerate(zip(params_list, losses)):
             self.stage(contexts[index], params, index, loss)
         return [float(loss) for loss in losses]

@@ -114,9 +114,13 @@ class NevergradLoop:
         while remaining > 0:
             n = min(session.num_workers, remaining)
             candidates = [optimizer.ask() for _ in range(n)]
-            losses = session.evaluate_batch(
-                self.objective, self.contexts, [candidate_params(c) for c in candidates]
-            )
+            try:
+                losses = session.evaluate_batch(
+                    self.objective, self.contexts, [candidate_params(c) for c in candidates]
+                )
+            except Exception:
+                self.flush(step)  # the batch's finished evaluations go to the history
+                raise
             for candidate, loss in zip(candidates, losses):
                 optimizer.tell(candidate, loss)
             self.flush(step)
@@ -127,6 +131,21 @@ class NevergradLoop:
     def _evaluate_slot(self, executor: Any, params: dict, ctx: Any) -> float:
         """Runs in a driver thread: one evaluation on the executor, state applied to ``ctx``."""
         return map_with_context(executor, self.objective, [params], ctxs=[ctx])[0]
+
+    def _record_in_flight(
+        self, in_flight: dict[Any, tuple[int, Any, dict, int]], step: int
+    ) -> None:
+        """After a failure: wait for the evaluations still running and keep those that finish
+        in the history (nothing evaluated is lost), then forget them."""
+        for future in sorted(in_flight, key=lambda f: in_flight[f][0]):
+            _, _, params, slot = in_flight[future]
+            try:
+                loss = float(future.result())
+            except Exception:
+                continue
+            self.session.stage(self.contexts[slot], params, slot, loss)
+        in_flight.clear()
+        self.flush(step)
 
     def run_async(self, budget: int) -> None:
         """Steady state: up to ``num_workers`` evaluations in flight, each told on arrival.
@@ -152,9 +171,14 @@ class NevergradLoop:
                     in_flight[future] = (asked, candidate, params, slot)
                     asked += 1
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                error: Exception | None = None
                 for future in sorted(done, key=lambda f: in_flight[f][0]):
                     _, candidate, params, slot = in_flight.pop(future)
-                    loss = float(future.result())
+                    try:
+                        loss = float(future.result())
+                    except Exception as exc:
+                        error = error or exc
+                        continue
                     optimizer.tell(candidate, loss)
                     session.stage(self.contexts[slot], params, slot, loss)
                     self.flush(step)
@@ -163,6 +187,9 @@ class NevergradLoop:
                     if told % n_workers == 0 or told == budget:
                         self.dispatch(step)
                         step += 1
+                if error is not None:
+                    self._record_in_flight(in_flight, step)
+                    raise error
         finally:
             for future in in_flight:
                 future.cancel()
