@@ -24,6 +24,7 @@ from chemfit.chemistry.ase_atoms import PathAtomsFactory, count_images
 from chemfit.chemistry.ase_processors import DefaultQuantityProcessor
 from chemfit.core.context import EvaluateContext
 from chemfit.core.objectives import QuantityComputer
+from chemfit.core.utils import PicklesWithoutLock
 
 __all__ = [
     "MinimizationASEComputer",
@@ -109,7 +110,7 @@ def structure_summary(atoms: Any, tag: str | None = None) -> dict:
     return summary
 
 
-class _ASEComputer(QuantityComputer):
+class _ASEComputer(PicklesWithoutLock, QuantityComputer):
     """Shared machinery: callables, the cached structures and preparing a working copy."""
 
     def __init__(
@@ -195,17 +196,6 @@ class _ASEComputer(QuantityComputer):
                 )
             quantities.update(produced)
         return quantities
-
-    # -- pickling -------------------------------------------------------------------------
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 class SinglePointASEComputer(_ASEComputer):

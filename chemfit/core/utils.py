@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
@@ -24,6 +25,7 @@ from chemfit.core.flatdict import flatten_dict
 
 __all__ = [
     "ExtendedJSONEncoder",
+    "PicklesWithoutLock",
     "atomic_write_text",
     "check_params_near_bounds",
     "check_protocol",
@@ -32,6 +34,36 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class PicklesWithoutLock:
+    """Mixin for objects guarding their state with ``self._lock``: pickling leaves the lock out
+    (locks cannot be pickled) and unpickling gives a fresh one, so the object can travel to
+    worker processes and MPI ranks.
+
+    Examples
+    --------
+    >>> import copy  # copies go through __getstate__/__setstate__, as pickling does
+    >>> class Counter(PicklesWithoutLock):
+    ...     def __init__(self):
+    ...         self._lock = threading.Lock()
+    ...         self.count = 1
+    >>> original = Counter()
+    >>> original._lock.acquire()
+    True
+    >>> clone = copy.copy(original)
+    >>> clone.count, clone._lock.acquire(blocking=False)  # a fresh, unlocked lock
+    (1, True)
+    """
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def check_protocol(obj: Any | None, prot: type) -> None:

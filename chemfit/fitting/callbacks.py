@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from chemfit.core.utils import atomic_write_text
+from chemfit.core.utils import PicklesWithoutLock, atomic_write_text
 
 __all__ = [
     "CheckpointBestParameters",
@@ -318,7 +318,7 @@ def _repair_tail(path: Path) -> None:
         fh.write(b"\n")
 
 
-class JSONLinesHistory:
+class JSONLinesHistory(PicklesWithoutLock):
     """Evaluation callback appending one JSON line per told evaluation.
 
     Each call writes ``json.dumps(record.to_dict())`` (with :class:`NumpyEncoder`) and a newline
@@ -370,15 +370,6 @@ class JSONLinesHistory:
             fh.write(line)
             fh.flush()
             self.n_written += 1
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"JSONLinesHistory({str(self.path)!r}, append={self.append})"
