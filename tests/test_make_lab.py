@@ -166,6 +166,9 @@ def run_in_kernel(connection_file: Path, code: str, timeout: float = 60) -> str:
         time.sleep(0.1)
     client = BlockingKernelClient(connection_file=str(connection_file))
     client.load_connection_file()
+    # A client without a KernelManager judges liveness by heartbeat alone; the default 1 s
+    # allowance reads a kernel busy starting up on a loaded 2-core machine as dead.
+    client.hb_channel.time_to_dead = 10.0
     client.start_channels()
     try:
         client.wait_for_ready(timeout=timeout)
