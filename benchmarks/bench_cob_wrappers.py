@@ -13,7 +13,8 @@ The modes are timed in interleaved rounds, so that changes in machine load hit t
 shared machine, compare the min times. The script prints one JSON document with the min and
 median times and the speed-ups over serial: ``speedup_min`` compares min times,
 ``speedup_paired_median`` is the median over rounds of serial time / mode time (what the
-targets are checked on).
+targets are checked on); ``inline_calls`` counts the timed calls in which ``"auto"`` found the
+executor not worth it and evaluated the terms in the calling thread.
 
 Run::
 
@@ -127,9 +128,11 @@ def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
                     runners[f"{name}/{terms_per_task}"] = wrapper
             # interleaved rounds, so that a change in machine load hits every mode alike
             times: dict[str, list[float]] = {mode: [] for mode in runners}
+            inline_calls = dict.fromkeys(runners, 0)
             for _ in range(repeats):
                 for mode, runner in runners.items():
                     times[mode].append(_timed(lambda r=runner: r(PARAMS, EvaluateContext())))
+                    inline_calls[mode] += getattr(runner, "last_tasks", None) == 0
             serial_times = times.pop("serial")
             entry: dict = {
                 "n_terms": n_terms,
@@ -146,6 +149,8 @@ def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
                 stats["speedup_paired_median"] = statistics.median(
                     s / t for s, t in zip(serial_times, mode_times)
                 )
+                # calls where "auto" kept the terms in this thread (the executor did not pay)
+                stats["inline_calls"] = inline_calls[mode]
                 entry[mode] = stats
             results[case] = entry
     finally:

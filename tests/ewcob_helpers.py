@@ -154,6 +154,18 @@ class CountingThreadPool(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
+class SlowDispatchThreadPool(CountingThreadPool):
+    """A real thread pool whose ``submit`` first sleeps: a local executor that never pays."""
+
+    def __init__(self, *args, dispatch_seconds: float = 0.005, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dispatch_seconds = dispatch_seconds
+
+    def submit(self, fn, /, *args, **kwargs):
+        time.sleep(self.dispatch_seconds)
+        return super().submit(fn, *args, **kwargs)
+
+
 class ForeignExecutor:
     """An ExecutorLike that is not a stdlib or chemfit class (wraps a thread pool).
 

@@ -25,6 +25,7 @@ from chemfit.execution.executor_utils import map_with_context
 from chemfit.execution.executor_wrapper_cob import (
     ExecutorWrapperCOB,
     _auto_chunks,
+    _InlineChooser,
     _split_balanced,
 )
 from chemfit.execution.executors import SerialExecutor
@@ -266,17 +267,99 @@ def test_ctx_executor_wins_over_the_wrappers():
 
 @pytest.mark.timeout(20)
 def test_auto_groups_cheap_terms_into_one_task_per_worker():
+    cob = CombinedObjectiveFunction([h.BusyTerm(0.002) for _ in range(8)])
+    with h.CountingThreadPool(2) as pool:
+        wrapper = ExecutorWrapperCOB(cob, pool)
+        wrapper(h.PARAMS)
+        assert (pool.n_submitted, wrapper.last_tasks) == (8, 8)  # no timings: one per term
+        for _ in range(6):  # sleeping terms overlap on threads: the executor keeps paying
+            pool.n_submitted = 0
+            wrapper(h.PARAMS)
+            assert (pool.n_submitted, wrapper.last_tasks) == (2, 2)
+
+
+@pytest.mark.timeout(20)
+def test_auto_keeps_a_single_task_inline_on_local_pools_only():
     cob = h.linear_cob(12)
-    expected, _ = serial_result(cob)
+    expected, ctx_serial = serial_result(cob)
     with h.CountingThreadPool(3) as pool:
         wrapper = ExecutorWrapperCOB(cob, pool)
         wrapper(h.PARAMS)
         assert pool.n_submitted == 12  # no timings yet: one task per term
-        wrapper(h.PARAMS)  # the estimate is the median of the last three times
-        wrapper(h.PARAMS)
         pool.n_submitted = 0
+        ctx = EvaluateContext(shared=SimpleNamespace(tag="shared!"))
+        # microsecond terms make one group, and one task cannot beat this thread
+        assert same_bits(wrapper(h.PARAMS, ctx), expected)
+        assert (pool.n_submitted, wrapper.last_tasks) == (0, 0)
+        assert ctx.meta == ctx_serial.meta
+    foreign = h.ForeignExecutor(3)  # could run on another machine: always used
+    try:
+        wrapper = ExecutorWrapperCOB(cob, foreign)
+        wrapper(h.PARAMS)
+        foreign.n_submitted = 0
         assert same_bits(wrapper(h.PARAMS), expected)
-        assert pool.n_submitted == 1  # microsecond terms: not worth splitting
+        assert (foreign.n_submitted, wrapper.last_tasks) == (1, 1)
+    finally:
+        foreign.shutdown()
+
+
+@pytest.mark.timeout(30)
+def test_auto_goes_inline_when_the_executor_does_not_pay_and_retries_later(caplog):
+    cob = CombinedObjectiveFunction([h.BusyTerm(1e-4) for _ in range(20)])
+    expected = cob(h.PARAMS)
+    with h.SlowDispatchThreadPool(2, dispatch_seconds=0.01) as pool:
+        wrapper = ExecutorWrapperCOB(cob, pool)
+        tasks = []
+        with caplog.at_level(logging.INFO, logger="chemfit"):
+            for _ in range(1 + 2 + 4 + 1 + 8 + 1):
+                assert same_bits(wrapper(h.PARAMS), expected)
+                tasks.append(wrapper.last_tasks)
+    # one task per term; two grouped calls slower than serial; 4 inline; a retry that
+    # loses; 8 inline; the next retry
+    assert tasks == [20, 2, 2] + [0] * 4 + [2] + [0] * 8 + [2]
+    inline_lines = [r for r in caplog.records if "evaluating them in this thread" in r.message]
+    assert len(inline_lines) == 1 and inline_lines[0].levelno == logging.INFO
+    assert "SlowDispatchThreadPool" in inline_lines[0].message
+
+
+@pytest.mark.timeout(20)
+def test_fixed_terms_per_task_never_goes_inline():
+    cob = CombinedObjectiveFunction([h.BusyTerm(1e-4) for _ in range(20)])
+    with h.SlowDispatchThreadPool(2, dispatch_seconds=0.01) as pool:
+        wrapper = ExecutorWrapperCOB(cob, pool, terms_per_task=10)
+        assert [(wrapper(h.PARAMS), wrapper.last_tasks)[1] for _ in range(6)] == [2] * 6
+
+
+@pytest.mark.timeout(20)
+def test_inline_auto_raises_the_first_failing_term_like_serial():
+    terms = [h.LinearTerm(0.5), h.FailingTerm("first"), h.FailingTerm("second")]
+    cob = CombinedObjectiveFunction(terms, exception_handler=raising_exception_handler)
+    with h.CountingThreadPool(2) as pool:
+        wrapper = ExecutorWrapperCOB(cob, pool)
+        for _ in range(3):  # one task per term, then inline (one tiny group)
+            ctx = EvaluateContext()
+            with pytest.raises(ValueError, match="first"):
+                wrapper(h.PARAMS, ctx)
+        assert wrapper.last_tasks == 0
+        assert ctx.meta["children"][1]["meta"]["reached"] is True
+
+
+@pytest.mark.timeout(10)
+def test_inline_chooser_backs_off_and_resets():
+    chooser = _InlineChooser()
+    assert chooser.use_executor(1)
+    assert not chooser.record(1, 2.0, 1.0)  # one slow call is not enough
+    assert chooser.record(1, 2.0, 1.0)  # the second switches to inline
+    assert [chooser.use_executor(1) for _ in range(5)] == [False] * 4 + [True]
+    assert not chooser.record(1, 2.0, 1.0)  # the retry lost: wait 8 calls
+    assert [chooser.use_executor(1) for _ in range(9)] == [False] * 8 + [True]
+    assert not chooser.record(1, 0.5, 1.0)  # the retry won: back on the executor
+    assert chooser.use_executor(1) and not chooser.inline
+    chooser.record(1, 2.0, 1.0)
+    chooser.record(1, 2.0, 1.0)
+    assert chooser.inline
+    assert chooser.use_executor(2) and not chooser.inline  # another executor starts afresh
+    assert not chooser.record(1, 2.0, 1.0)  # a late record for the old executor is ignored
 
 
 @pytest.mark.timeout(20)

@@ -14,7 +14,10 @@ caller:
   one (R20) and ``ctx.meta`` has the serial structure.
 
 Cheap terms are grouped: ``terms_per_task="auto"`` measures the term times of each call and
-packs terms under about 5 ms into at most one task per worker.
+packs terms under about 5 ms into at most one task per worker. On a pool of this machine
+(threads, a process pool, loky) it also times the grouped calls: when sending the terms costs
+more than it gains (two calls in a row slower than the terms' summed time), it evaluates them
+in the calling thread and tries the executor again after 4, 8, ... 64 calls.
 
 For executors in other processes the combined objective is pickled once per call and cached in
 each worker process by a content hash, so a worker unpickles it only when it changed.
@@ -48,6 +51,8 @@ from chemfit.execution.task_errors import (
 )
 from chemfit.execution.task_submission import (
     cancel_all,
+    is_local_pool,
+    is_loky_executor,
     is_stdlib_process_pool,
     runs_in_process,
     submit_all,
@@ -69,6 +74,11 @@ CHEAP_TERM_SECONDS = 5e-3
 _MIN_TASK_SECONDS = 1e-3
 #: ... and estimates a term's time as the median of its last few measurements.
 _N_TIME_SAMPLES = 3
+#: ``"auto"`` goes inline after this many grouped calls in a row slower than serial, ...
+_SLOW_CALLS_BEFORE_INLINE = 2
+#: ... and tries the executor again after this many inline calls, doubling up to the maximum.
+_FIRST_RETRY_AFTER = 4
+_MAX_RETRY_AFTER = 64
 
 _COB_METHODS = ("n_terms", "prepare_context", "evaluate_term", "filter_terms", "apply_reduction")
 
@@ -141,11 +151,6 @@ def _dumps_for_workers(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _uses_cloudpickle(executor: Any) -> bool:
-    """Whether ``executor`` is a loky executor (which sends everything with cloudpickle)."""
-    return any(cls.__module__.partition(".")[0] == "loky" for cls in type(executor).__mro__)
-
-
 def _ship(cob: Any, executor: Any) -> Any:
     """What a task carries to name the objective: a :class:`_ShippedCOB`, or ``cob`` itself.
 
@@ -168,7 +173,7 @@ def _ship(cob: Any, executor: Any) -> Any:
         try:
             data = _dumps_for_workers(cob)
         except Exception as exc:
-            if _uses_cloudpickle(executor):
+            if is_loky_executor(executor):
                 raise NotPicklableError(
                     f"{type(executor).__name__} cannot pickle the combined objective "
                     f"{short_repr(cob)}, not even with cloudpickle: {type(exc).__name__}: "
@@ -347,6 +352,57 @@ class _TermTimes:
                 self._samples[idx].append(value)
 
 
+class _InlineChooser:
+    """Whether ``terms_per_task="auto"`` sends a call's terms to the executor or keeps them inline.
+
+    Grouped calls are timed against the summed term times (the serial estimate). After
+    ``_SLOW_CALLS_BEFORE_INLINE`` slower calls in a row the terms run inline; every so many
+    inline calls one call goes to the executor again (a retry), and the wait doubles each time
+    the retry is slower too. A different executor starts afresh. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: int | None = None
+        self._reset(None)
+
+    def _reset(self, key: int | None) -> None:
+        self._key = key
+        self.inline = False
+        self._slow_calls = 0
+        self._retry_after = _FIRST_RETRY_AFTER
+        self._calls_to_retry = 0
+
+    def use_executor(self, key: int) -> bool:
+        """Whether the next call goes to the executor identified by ``key``."""
+        with self._lock:
+            if key != self._key:
+                self._reset(key)
+            if not self.inline or self._calls_to_retry <= 0:
+                return True
+            self._calls_to_retry -= 1
+            return False
+
+    def record(self, key: int, parallel_seconds: float, serial_seconds: float) -> bool:
+        """Record a grouped call; ``True`` when this switches the wrapper to inline."""
+        with self._lock:
+            if key != self._key:
+                return False
+            if parallel_seconds <= serial_seconds:
+                self._reset(key)
+                return False
+            if self.inline:  # a retry that did not pay off: wait longer for the next one
+                self._retry_after = min(2 * self._retry_after, _MAX_RETRY_AFTER)
+                self._calls_to_retry = self._retry_after
+                return False
+            self._slow_calls += 1
+            if self._slow_calls < _SLOW_CALLS_BEFORE_INLINE:
+                return False
+            self.inline = True
+            self._calls_to_retry = self._retry_after
+            return True
+
+
 # -- the wrapper ---------------------------------------------------------------------------------
 
 
@@ -394,15 +450,23 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         Where the terms run, unless the context passed to a call has an ``executor``. Anything
         :func:`~chemfit.execution.executors.as_executor` accepts.
     terms_per_task : int or "auto", default "auto"
-        Number of contiguous terms in one task; ``1`` is one task per term. ``"auto"`` starts
-        with one task per term, then uses the measured term times: a term of 5 ms or more gets
-        its own task and the cheaper terms are packed into at most one task per worker.
+        Number of contiguous terms in one task; ``1`` is one task per term, and every term
+        goes to the executor. ``"auto"`` starts with one task per term, then uses the measured
+        term times: a term of 5 ms or more gets its own task and the cheaper terms are packed
+        into at most one task per worker. On a pool of this machine (threads, a process pool,
+        loky), ``"auto"`` also keeps the terms in the calling thread when the executor does not
+        pay: when the plan is a single task, or when two grouped calls in a row took longer
+        than the terms' summed time. It tries the executor again after 4 inline calls, then
+        8, ... up to 64 while that stays true.
 
     Attributes
     ----------
     cob : CombinedObjectiveFunction
     executor : ExecutorLike or None
     terms_per_task : int or "auto"
+    last_tasks : int or None
+        How many tasks the last call submitted; ``0`` when it evaluated the terms in the
+        calling thread, ``None`` before the first call.
 
     Notes
     -----
@@ -484,7 +548,10 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         self._own_pool: ThreadPoolExecutor | None = None
         self._finalizer: weakref.finalize | None = None
         self._inline_logged = False
+        self._auto_inline_logged = False
         self._times = _TermTimes()
+        self._chooser = _InlineChooser()
+        self.last_tasks: int | None = None
         # (id(executor), hash) of the objective last sent with its data: a hint that the
         # workers have it, so tasks can carry the hash alone
         self._shipped_to: tuple[int, bytes] | None = None
@@ -556,17 +623,57 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         executor = self._choose_executor(ctx)
         if executor is current_task_executor():
             self._log_inline(executor)
+            self.last_tasks = 0
             return cob(parameters, ctx)
         ctx = cob.prepare_context(parameters, ctx)
         n_terms = cob.n_terms()
-        remote = not runs_in_process(executor)
-        shipped = _ship(cob, executor) if remote else cob
-        chunks = self._plan(n_terms, executor)
+        chunks, serial_estimate = self._plan(n_terms, executor)
         with ctx.child_contexts(n_terms, cob.child_context_configurator) as children:
-            terms = self._run(executor, shipped, parameters, chunks, children, remote, n_terms)
+            if chunks is None:
+                self.last_tasks = 0
+                terms = self._run_inline(parameters, children, n_terms)
+            else:
+                self.last_tasks = len(chunks)
+                remote = not runs_in_process(executor)
+                shipped = _ship(cob, executor) if remote else cob
+                start = time.perf_counter()
+                terms = self._run(executor, shipped, parameters, chunks, children, remote, n_terms)
+                if serial_estimate is not None:
+                    self._judge(executor, time.perf_counter() - start, serial_estimate)
         kept = cob.filter_terms(terms, ctx)
         ctx.loss = cob.apply_reduction(kept, ctx)
         return ctx.loss
+
+    def _run_inline(
+        self, parameters: dict, children: list[EvaluateContext], n_terms: int
+    ) -> list[float | None]:
+        """Evaluate every term in this thread, timed as on the executor (``"auto"`` chose it)."""
+        indices = list(range(n_terms))
+        values, _, seconds, failure = _evaluate_chunk(
+            self.cob, parameters, indices, children, remote=False
+        )
+        self._times.record(n_terms, indices[: len(seconds)], seconds)
+        if failure is not None:
+            raise failure[1]
+        return values
+
+    def _judge(self, executor: Any, parallel_seconds: float, serial_seconds: float) -> None:
+        if not self._chooser.record(id(executor), parallel_seconds, serial_seconds):
+            return
+        with self._lock:
+            first, self._auto_inline_logged = not self._auto_inline_logged, True
+        logger.log(
+            logging.INFO if first else logging.DEBUG,
+            "%s(terms_per_task='auto'): on %s the grouped terms took %.3g ms per call against "
+            "%.3g ms evaluated one after the other; evaluating them in this thread, and trying "
+            "the executor again from time to time (an int terms_per_task always uses the "
+            "executor)%s",
+            type(self).__name__,
+            type(executor).__name__,
+            1e3 * parallel_seconds,
+            1e3 * serial_seconds,
+            " (logged once)" if first else "",
+        )
 
     def _log_inline(self, executor: Any) -> None:
         with self._lock:
@@ -580,14 +687,21 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
             type(executor).__name__,
         )
 
-    def _plan(self, n_terms: int, executor: Any) -> list[list[int]]:
+    def _plan(self, n_terms: int, executor: Any) -> tuple[list[list[int]] | None, float | None]:
+        """The chunks of term indices to submit (``None``: evaluate inline), and the serial
+        time estimate to judge the call by (``None``: do not judge it)."""
         terms_per_task = self.terms_per_task
         if terms_per_task != "auto":
-            return _fixed_chunks(n_terms, terms_per_task)
+            return _fixed_chunks(n_terms, terms_per_task), None
         seconds = self._times.estimates(n_terms)
         if seconds is None:
-            return _fixed_chunks(n_terms, 1)
-        return _auto_chunks(seconds, _worker_count(executor))
+            return _fixed_chunks(n_terms, 1), None
+        chunks = _auto_chunks(seconds, _worker_count(executor))
+        if not is_local_pool(executor):  # remote workers may see files, programs this one lacks
+            return chunks, None
+        if len(chunks) == 1 or not self._chooser.use_executor(id(executor)):
+            return None, None  # one task cannot beat this thread, it only adds the round trip
+        return chunks, sum(seconds)
 
     def _run(
         self,

@@ -18,6 +18,8 @@ from chemfit.execution.executors import SerialExecutor, as_executor
 __all__ = [
     "cancel_all",
     "collect_calls",
+    "is_local_pool",
+    "is_loky_executor",
     "is_stdlib_process_pool",
     "resolve_executor",
     "runs_in_process",
@@ -49,6 +51,33 @@ def is_stdlib_process_pool(executor: Any) -> bool:
     """
     module = sys.modules.get("concurrent.futures.process")
     return module is not None and isinstance(executor, module.ProcessPoolExecutor)
+
+
+def is_loky_executor(executor: Any) -> bool:
+    """Whether ``executor`` is a loky executor (which sends everything with cloudpickle).
+
+    Examples
+    --------
+    >>> is_loky_executor(SerialExecutor())
+    False
+    """
+    return any(cls.__module__.partition(".")[0] == "loky" for cls in type(executor).__mro__)
+
+
+def is_local_pool(executor: Any) -> bool:
+    """Whether ``executor`` runs its tasks on this machine, in this process or a local pool.
+
+    That is a thread pool, :class:`SerialExecutor`, a ``ProcessPoolExecutor`` or loky: what
+    such a task does, the caller's thread could do itself with the same result.
+
+    Examples
+    --------
+    >>> is_local_pool(SerialExecutor()), is_local_pool(object())
+    (True, False)
+    """
+    return (
+        runs_in_process(executor) or is_stdlib_process_pool(executor) or is_loky_executor(executor)
+    )
 
 
 def runs_in_process(executor: Any) -> bool:
