@@ -622,6 +622,29 @@ def test_callback_error_aborts_and_closes_the_owned_pool():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["batch", "async"])
+def test_evaluation_callback_error_keeps_every_result_of_its_step(mode):
+    fitter = quad_fitter()
+    seen = []
+
+    def failing(record):
+        seen.append(record.index)
+        if record.index == 2:  # the first record of the second step (batch)
+            raise RuntimeError("evaluation callback failed")
+
+    fitter.register_evaluation_callback(failing)
+    with pytest.raises(RuntimeError, match="evaluation callback failed"):
+        fitter.fit_nevergrad(budget=20, optimizer_str="OnePlusOne", num_workers=2, mode=mode)
+    history = fitter.result.history
+    assert seen == [0, 1, 2]
+    # the record after the failing one, told in the same step, is kept
+    assert len(history) >= 4 if mode == "batch" else len(history) >= 3
+    assert [r.index for r in history] == list(range(len(history)))
+    assert fitter.result.error == "RuntimeError: evaluation callback failed"
+    assert fitter.result.best_loss == min(r.loss for r in history if not r.penalised)
+
+
+@pytest.mark.timeout(30)
 def test_user_executor_survives_an_error():
     fitter = quad_fitter()
     fitter.register_callback(lambda step, ctxs: 1 / 0)

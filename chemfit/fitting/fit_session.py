@@ -122,8 +122,13 @@ class FitSession:
         )
 
     def flush(self, step: int, callbacks: Iterable[Callable[[EvaluationRecord], None]]) -> None:
-        """Turn the staged evaluations into records of ``step`` and run the evaluation callbacks."""
+        """Turn the staged evaluations into records of ``step`` and run the evaluation callbacks.
+
+        Every record is in the history before the first callback runs, so a callback that
+        raises loses none of the step's results.
+        """
         pending, self.pending = self.pending, []
+        records = []
         for item in pending:
             record = EvaluationRecord(
                 index=len(self.history),
@@ -143,6 +148,8 @@ class FitSession:
             if self.bar is not None:
                 self.bar.set_postfix(best=f"{self.best_told:.6g}", refresh=False)
                 self.bar.update(1)
+            records.append(record)
+        for record in records:
             for callback in callbacks:
                 callback(record)
 
