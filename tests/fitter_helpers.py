@@ -144,3 +144,9 @@ class SerialisingObjective(ObjectiveFunctor):
         ctx.parameters = parameters
         ctx.loss = quadratic(parameters)
         return ctx.loss
+
+
+def slow_quadratic(params: dict) -> float:
+    """:func:`quadratic` after 20 ms, so that a fit runs long enough to be stopped."""
+    time.sleep(0.02)
+    return quadratic(params)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pickle
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -789,3 +790,73 @@ def test_resume_with_a_scipy_based_meta_optimizer_does_not_hang(caplog):
     assert result.n_observations == 60 and result.n_evals == 40
     assert result.history[0].parameters == min(observations, key=lambda o: o[1])[0]
     assert result.best_loss <= best_observed
+
+
+# -- request_stop ------------------------------------------------------------------------------
+
+
+def _stop_from_another_thread(fitter: Fitter, after_evals: int) -> threading.Thread:
+    """A thread that calls ``fitter.request_stop()`` once ``after_evals`` evaluations were told."""
+    told = threading.Event()
+    count = []
+
+    def on_record(record):
+        count.append(record)
+        if len(count) >= after_evals:
+            told.set()
+
+    fitter.register_evaluation_callback(on_record)
+
+    def stopper():
+        if told.wait(30):
+            fitter.request_stop()
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("num_workers", "mode"), [(1, "batch"), (2, "batch"), (2, "async")])
+def test_request_stop_from_another_thread_ends_the_fit_cleanly(num_workers, mode):
+    fitter = Fitter(h.slow_quadratic, {"x": 0.0, "y": 0.0})
+    steps = record_steps(fitter)
+    thread = _stop_from_another_thread(fitter, after_evals=6)
+    params = fitter.fit_nevergrad(
+        budget=500, optimizer_str="OnePlusOne", num_workers=num_workers, mode=mode
+    )
+    thread.join(5)
+    result = fitter.result
+    assert result.stopped and not result.interrupted and result.error is None
+    assert 6 <= result.n_evals < 6 + 4 * num_workers  # the evaluations in flight finish
+    assert len(result.history) == result.n_evals  # every evaluation was told and recorded
+    assert result.best_loss == min(r.loss for r in result.history)
+    assert steps and steps[-1] == result.history[-1].step  # the last step's callbacks ran
+    assert set(params) == {"x", "y"}
+    assert "stopped=True" in repr(result) and result.to_dict()["stopped"] is True
+    # the next fit starts with the request cleared and runs its whole budget
+    fitter.evaluation_callbacks.clear()
+    fitter.fit_nevergrad(budget=4, optimizer_str="OnePlusOne", num_workers=num_workers)
+    assert not fitter.result.stopped and fitter.result.n_evals == 4
+
+
+@pytest.mark.timeout(60)
+def test_request_stop_ends_fit_scipy_with_the_best_point_so_far():
+    fitter = Fitter(h.slow_quadratic, {"x": 3.0, "y": 3.0})
+    thread = _stop_from_another_thread(fitter, after_evals=5)
+    params = fitter.fit_scipy(method="Nelder-Mead", options={"maxiter": 10_000})
+    thread.join(5)
+    result = fitter.result
+    assert result.stopped and result.converged is False and result.error is None
+    assert 5 <= result.n_evals <= 8  # the request arrives from another thread
+    assert params == result.best_parameters
+    assert result.best_loss == min(r.loss for r in result.history)
+
+
+@pytest.mark.timeout(30)
+def test_request_stop_outside_a_fit_does_not_end_the_next_one():
+    fitter = quad_fitter()
+    fitter.request_stop()
+    assert fitter.stop_requested
+    fitter.fit_nevergrad(budget=6, optimizer_str="OnePlusOne")
+    assert not fitter.result.stopped and fitter.result.n_evals == 6

@@ -170,6 +170,7 @@ def test_fit_result_has_the_contract_fields():
         "interrupted",
         "error",
         "problematic_params",
+        "stopped",  # our addition (Fitter.request_stop), after the contract's fields
     ]
 
 

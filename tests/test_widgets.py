@@ -419,10 +419,10 @@ def test_dashboard_stop_ends_the_fit_cleanly_and_keeps_results():
     dash.start_button.click()
     assert dash.running and dash.start_button.disabled and not dash.stop_button.disabled
     _wait_until(lambda: dash.plot.n_records >= 20, 60, "20 evaluations")
-    dash.stop_button.click()  # returns at once; the fit ends after its current step
+    dash.stop_button.click()  # returns at once; the fit ends once the evaluations in flight end
     result = dash.wait(timeout=60)
     assert dash.state == "stopped", dash.message
-    assert result.interrupted and result.error is None
+    assert result.stopped and not result.interrupted and result.error is None
     assert 20 <= result.n_evals < 3000 and len(result.history) == result.n_evals
     assert dash.plot.n_records == result.n_evals == dash.progress.value
     assert f"Stopped after {result.n_evals} evaluations" in dash.message

@@ -2,10 +2,11 @@
 
 ``dashboard(fitter)`` (or ``FitDashboard(fitter)``) returns a widget; the last expression of a
 cell displays it. Start runs ``fitter.fit_nevergrad`` in a background thread, so the kernel
-stays free and the plot updates while the fit runs. Stop ends the fit after the current
-optimizer step: the results so far stay in ``fitter.result`` (``interrupted=True``) and no
-worker is left running; the executor the picker started keeps running for the next fit until
-the picker's Stop (or closing the dashboard) stops it.
+stays free and the plot updates while the fit runs. Stop calls ``fitter.request_stop()``: no new
+candidate is asked, the evaluations in flight finish and are recorded, and the results stay in
+``fitter.result`` (``stopped=True``); no worker is left running. The executor the picker
+started keeps running for the next fit until the picker's Stop (or closing the dashboard)
+stops it.
 """
 
 from __future__ import annotations
@@ -42,11 +43,10 @@ def _import_nevergrad() -> None:
 
 
 class FitStopped(KeyboardInterrupt):
-    """Raised from the dashboard's step callback when Stop was clicked.
+    """Raised in the dashboard's fit thread when Stop was clicked before the fit started.
 
-    A ``KeyboardInterrupt`` subclass, so that the fitter ends the fit the way it ends an
-    interrupted one: pools it owns are shut down, pending work is cancelled and
-    ``fitter.result`` keeps the best so far with ``interrupted=True``.
+    A running fit is stopped with ``fitter.request_stop()`` instead, which ends it without an
+    exception.
     """
 
 
@@ -317,9 +317,10 @@ class FitDashboard(widgets.VBox):
             self._ui_timer.start()
 
     def _on_step(self, step: int, contexts: Any) -> None:
-        """Step callback (fit thread): end the fit cleanly once Stop was clicked."""
-        if self._stop.is_set():
-            raise FitStopped("the fit was stopped from the dashboard")
+        """Step callback (fit thread): passes on a Stop clicked while the fit was starting
+        (the fitter clears stop requests made before its fit began)."""
+        if self._stop.is_set() and not self.fitter.stop_requested:
+            self.fitter.request_stop()
 
     def _on_log(self, text: str) -> None:
         self.warnings.append(text)
@@ -447,6 +448,8 @@ class FitDashboard(widgets.VBox):
                 progress=False,
                 **self.fit_options,
             )
+            if self._stop.is_set():
+                outcome = "stopped"
         except KeyboardInterrupt:  # FitStopped, or an interrupt that reached this thread
             outcome = "stopped"
         except Exception as exc:
@@ -490,7 +493,7 @@ class FitDashboard(widgets.VBox):
         return f"{message}{kept}"
 
     def stop(self, wait: bool = True, timeout: float = 60) -> None:
-        """Stop the running fit after its current step; results so far are kept.
+        """Stop the running fit once its evaluations in flight finish; every result is kept.
 
         Parameters
         ----------
@@ -500,8 +503,9 @@ class FitDashboard(widgets.VBox):
         if not self.running:
             return
         self._stop.set()
+        self.fitter.request_stop()
         if self.state in ("starting", "running"):
-            self._set_state("stopping", "Stopping after the current step...")
+            self._set_state("stopping", "Stopping once the evaluations in flight finish...")
         if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 

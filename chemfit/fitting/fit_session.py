@@ -74,6 +74,7 @@ class FitSession:
     step: int = 0
     n_observations: int = 0
     converged: bool | None = None
+    stopped: bool = False
     best_told: float = math.inf
     bar: Any = None
     pending: list[PendingEvaluation] = field(default_factory=list)

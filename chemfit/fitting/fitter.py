@@ -21,6 +21,7 @@ import inspect
 import logging
 import math
 import numbers
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -81,6 +82,10 @@ def _accepts_ctx(func: Callable[..., Any]) -> bool:
         return False
     param = parameters.get("ctx")
     return param is not None and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+
+
+class _StopRequested(Exception):
+    """Raised inside ``fit_scipy``'s objective to leave ``minimize`` after request_stop()."""
 
 
 class Fitter:
@@ -175,6 +180,7 @@ class Fitter:
         self.problematic_params: list = []
         self.result: FitResult | None = None
         self._session: FitSession | None = None
+        self._stop = threading.Event()
 
     @property
     def value_bad_params(self) -> float:
@@ -293,6 +299,7 @@ class Fitter:
             )
         self.contexts = ctx_list
         self._hook_pre_fit()
+        self._stop.clear()  # a request from before this fit does not end it
         self._session = FitSession(
             num_workers=num_workers,
             executor=resolved,
@@ -315,6 +322,37 @@ class Fitter:
                 "fit_nevergrad / fit_scipy)"
             )
         return self._session
+
+    def request_stop(self) -> None:
+        """Ask the running fit to end early; safe to call from any thread.
+
+        ``fit_nevergrad`` asks no new candidate, waits for the evaluations in flight, tells and
+        records them, runs the step callbacks of that last step and returns the optimizer's
+        recommendation; ``fit_scipy`` returns the best point evaluated so far. Nothing raises:
+        ``result.stopped`` is ``True`` and the history keeps every evaluation. Each fit starts
+        with the request cleared, so a request made while no fit runs has no effect. A
+        hand-driven fit (:meth:`init`, :meth:`ask`, :meth:`tell`) can poll
+        :attr:`stop_requested` itself.
+
+        Examples
+        --------
+        >>> fitter = Fitter(lambda p: (p["x"] - 1.0) ** 2, {"x": 0.0})
+        >>> def stop_after_step_2(step, contexts):
+        ...     if step == 2:
+        ...         fitter.request_stop()  # e.g. from a button, in another thread
+        >>> fitter.register_callback(stop_after_step_2)
+        >>> _ = fitter.fit_nevergrad(budget=100, optimizer_str="OnePlusOne", num_workers=2)
+        >>> fitter.result.stopped, fitter.result.n_evals
+        (True, 6)
+        """
+        if not self._stop.is_set():
+            logger.info("stop requested: the fit ends once the evaluations in flight are told")
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` was called since the current fit started."""
+        return self._stop.is_set()
 
     def close(self) -> None:
         """Shut down the thread pool the fitter created, if any. A user's executor is kept.
@@ -471,6 +509,7 @@ class Fitter:
             interrupted=interrupted,
             error=error,
             problematic_params=list(self.problematic_params),
+            stopped=session.stopped,
         )
 
     def _abort(self, session: FitSession, exc: BaseException) -> None:
@@ -591,6 +630,7 @@ class Fitter:
                 self.objective_function,
                 flush=lambda step: session.flush(step, self.evaluation_callbacks),
                 dispatch=lambda step: self._dispatch_step(session, step),
+                stop_requested=self._stop.is_set,
             )
             loop.replay(replay, float(self.value_bad_params), tell=tell_replay)
             optimizer.suggest(start)
@@ -691,6 +731,8 @@ class Fitter:
         )
 
         def objective(x: Any) -> float:
+            if self._stop.is_set():
+                raise _StopRequested
             params = nested_floats(zip(keys, x))
             loss = session.evaluate_batch(self.objective_function, self.contexts, [params])[0]
             session.flush(session.step, self.evaluation_callbacks)
@@ -701,13 +743,18 @@ class Fitter:
 
         try:
             session.bar = progress_bar(progress, None, f"scipy {session.optimizer}")
-            res = minimize(
-                objective, x0, method=method, bounds=bounds, callback=on_iteration, **kwargs
-            )
-            session.converged = bool(res.success)
-            if not res.success:
-                logger.warning("scipy %s did not converge: %s", session.optimizer, res.message)
-            opt_params = nested_floats(zip(keys, res.x))
+            try:
+                res = minimize(
+                    objective, x0, method=method, bounds=bounds, callback=on_iteration, **kwargs
+                )
+            except _StopRequested:
+                session.stopped, session.converged = True, False
+                opt_params = None  # the best point evaluated (finish picks it)
+            else:
+                session.converged = bool(res.success)
+                if not res.success:
+                    logger.warning("scipy %s did not converge: %s", session.optimizer, res.message)
+                opt_params = nested_floats(zip(keys, res.x))
         except BaseException as exc:
             self._abort(session, exc)
             raise

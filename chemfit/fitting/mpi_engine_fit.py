@@ -191,6 +191,7 @@ def fit_result_from_dict(data: Mapping[str, Any]) -> FitResult:
         interrupted=bool(data["interrupted"]),
         error=data["error"],
         problematic_params=[tuple(p) for p in data["problematic_params"]],
+        stopped=bool(data.get("stopped", False)),
     )
 
 

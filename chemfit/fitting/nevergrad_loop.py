@@ -52,6 +52,9 @@ class NevergradLoop:
         The :class:`~chemfit.fitting.fitter_context.FitterObjectiveFunctor`.
     flush, dispatch : callable
         Called with the step index when a step ends: record its evaluations, run callbacks.
+    stop_requested : callable, optional
+        Polled between evaluations; once it returns true, no new candidate is asked, the
+        evaluations in flight are told, and the loop returns (``session.stopped`` is set).
 
     Examples
     --------
@@ -75,6 +78,12 @@ class NevergradLoop:
     objective: Callable[..., Any]
     flush: Callable[[int], None]
     dispatch: Callable[[int], None]
+    stop_requested: Callable[[], bool] = lambda: False
+
+    def _should_stop(self) -> bool:
+        if self.stop_requested():
+            self.session.stopped = True
+        return self.session.stopped
 
     def replay(
         self, observations: list[tuple[dict[str, float], Any]], bad: float, *, tell: bool = True
@@ -111,7 +120,7 @@ class NevergradLoop:
         """Batch mode: ask ``num_workers`` candidates, evaluate, tell all; one step per batch."""
         session, optimizer = self.session, self.optimizer
         remaining, step = budget, 0
-        while remaining > 0:
+        while remaining > 0 and not self._should_stop():
             n = min(session.num_workers, remaining)
             candidates = [optimizer.ask() for _ in range(n)]
             try:
@@ -160,8 +169,8 @@ class NevergradLoop:
         free = list(range(n_workers))
         asked = told = step = 0
         try:
-            while told < budget:
-                while free and asked < budget:
+            while told < asked or (asked < budget and not self._should_stop()):
+                while free and asked < budget and not self._should_stop():
                     slot = free.pop(0)
                     candidate = optimizer.ask()
                     params = candidate_params(candidate)
@@ -190,6 +199,8 @@ class NevergradLoop:
                 if error is not None:
                     self._record_in_flight(in_flight, step)
                     raise error
+            if self.session.stopped and told % n_workers:
+                self.dispatch(step)  # the last, partial step of a stopped fit
         finally:
             for future in in_flight:
                 future.cancel()

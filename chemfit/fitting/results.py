@@ -372,6 +372,9 @@ class FitResult:
         ``"ExcType: message"`` of the exception that ended the fit.
     problematic_params : list
         ``(flat_key, value, lower, upper)`` of parameters near their bounds.
+    stopped : bool
+        Whether :meth:`~chemfit.fitting.fitter.Fitter.request_stop` ended the fit early; the
+        evaluations started before the request were all told and recorded.
 
     Examples
     --------
@@ -398,6 +401,7 @@ class FitResult:
     interrupted: bool = False
     error: str | None = None
     problematic_params: list = field(default_factory=list)
+    stopped: bool = False
 
     def to_dataframe(self, include_meta: bool = False) -> pandas.DataFrame:
         """The history as a DataFrame (see :meth:`FitHistory.to_dataframe`); needs pandas.
@@ -434,12 +438,15 @@ class FitResult:
             "interrupted": bool(self.interrupted),
             "error": self.error,
             "problematic_params": to_jsonable(self.problematic_params),
+            "stopped": bool(self.stopped),
         }
 
     def _warnings(self) -> list[str]:
         notes = []
         if self.interrupted:
             notes.append("interrupted (KeyboardInterrupt)")
+        if self.stopped:
+            notes.append("stopped early by request_stop()")
         if self.error:
             notes.append(f"ended by {self.error}")
         if self.converged is False:
@@ -460,6 +467,8 @@ class FitResult:
             parts.append(f"optimizer={self.optimizer!r}")
         if self.interrupted:
             parts.append("interrupted=True")
+        if self.stopped:
+            parts.append("stopped=True")
         if self.error:
             parts.append(f"error={self.error!r}")
         parts.append(f"wall_time={self.wall_time:.3f}s")
