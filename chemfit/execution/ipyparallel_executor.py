@@ -17,6 +17,12 @@ engine that dies while running a call fails that call's future with
 :class:`~chemfit.core.exceptions.WorkerLostError`, and when the last engine is gone every
 pending call fails the same way instead of waiting forever.
 
+Starting and stopping a cluster prints nothing, also in IPython and notebooks: ipyparallel's
+progress bar is off, and its own messages go to the logger
+``chemfit.execution.ipyparallel_executor.cluster`` at the cluster's ``log_level`` (``ERROR``
+unless ``cluster_options`` say otherwise). The engines' output stays in the cluster's log files;
+when engines fail to start, the error quotes its last lines.
+
 ipyparallel and cloudpickle are imported when an executor is created, not at module import.
 """
 
@@ -62,6 +68,42 @@ logger = logging.getLogger(__name__)
 # A 0.5 s heartbeat instead of the default 3 s registers engines (and notices dead ones) sooner.
 _HEARTBEAT_MS = 500
 _EXTRA_HINT = "install it with: pip install 'chemfit[ipyparallel]'"
+# Lines of each engine's (and a failed controller's) output quoted when engines do not start.
+_OUTPUT_LINES = 40
+
+# ipyparallel's own messages about the clusters chemfit starts ("Starting 2 engines with ...",
+# "Stopping controller", the output of an engine that exited with an error). In an IPython
+# session ipyparallel would write them to sys.stdout.
+_cluster_logger = logging.getLogger(f"{__name__}.cluster")
+
+
+class _ClusterLog(logging.LoggerAdapter):
+    """The ``log`` of a cluster chemfit starts: ``_cluster_logger`` at the cluster's ``log_level``.
+
+    Its effective level is never DEBUG or lower, so that ipyparallel's launchers do not copy the
+    engines' output to ``sys.stderr`` (it stays in the cluster's log files).
+
+    Parameters
+    ----------
+    level : int
+        The lowest level passed on (the cluster's ``log_level``).
+
+    Examples
+    --------
+    >>> log = _ClusterLog(logging.ERROR)
+    >>> log.isEnabledFor(logging.INFO), log.getEffectiveLevel() > logging.DEBUG
+    (False, True)
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__(_cluster_logger, {})
+        self._level = level
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level >= self._level and self.logger.isEnabledFor(level)
+
+    def getEffectiveLevel(self) -> int:
+        return max(self._level, self.logger.getEffectiveLevel(), logging.DEBUG + 1)
 
 
 def _require_ipyparallel() -> Any:
@@ -359,6 +401,16 @@ class IPyParallelExecutor(Executor):
         Without ipyparallel or cloudpickle (extra ``ipyparallel``).
     TimeoutError
         When the engines do not register within ``timeout``.
+    RuntimeError
+        When the engines of a started cluster exit while starting; like the ``TimeoutError``
+        of a started cluster, the message gives their exit codes and last lines of output.
+
+    Notes
+    -----
+    Starting and stopping print nothing, in IPython and notebooks too (no progress bar). Log
+    at INFO to see what happens, e.g. ``started 2 local engines in 5.2 s``; ipyparallel's own
+    messages go to the logger ``chemfit.execution.ipyparallel_executor.cluster`` at the
+    cluster's ``log_level`` (``cluster_options={"log_level": logging.INFO}`` shows them).
 
     Examples
     --------
@@ -459,26 +511,90 @@ class IPyParallelExecutor(Executor):
             "controller_args": [f"--HeartMonitor.period={_HEARTBEAT_MS}"],
             "engine_timeout": max(1, math.ceil(timeout)),
             "config": config,
+            # The finalizer below stops the cluster at exit; ipyparallel's own exit hook would
+            # print "Stopping cluster ..." to stderr.
+            "shutdown_atexit": False,
         }
         kwargs.update(options)
+        # In an IPython session ipyparallel's default log writes to sys.stdout.
+        kwargs.setdefault("log", _ClusterLog(kwargs["log_level"]))
         self.cluster = self._ipp.Cluster(**kwargs)
         # Stops the cluster when this executor is garbage collected or at exit.
         self._finalizer = weakref.finalize(
             self, _stop_cluster, self.cluster, None, self._owned_profile_dir, self._processes
         )
-        logger.info(
-            "starting an ipyparallel cluster of %d %s engines in %s",
-            n,
-            "MPI" if self._mpi else "local",
-            profile_dir,
-        )
+        kind = "MPI" if self._mpi else "local"
+        logger.info("starting an ipyparallel cluster of %d %s engines in %s", n, kind, profile_dir)
+        t0 = time.perf_counter()
         try:
-            self.client = self.cluster.start_and_connect_sync(n=n)
-            self.client.wait_for_engines(n, timeout=timeout, interactive=False, widget=False)
+            # Run like Cluster.start_and_connect_sync(), which picks a background event loop
+            # when one is already running (as in a notebook kernel).
+            synchronize = getattr(self.cluster, "_synchronize", None)
+            if synchronize is not None:
+                synchronize(self._start_and_connect, n, timeout)
+            else:  # an ipyparallel without it: same steps, but dead engines show at timeout
+                self.cluster.start_cluster_sync(n=n)
+                self.client = self.cluster.connect_client_sync()
+                self.client.wait_for_engines(n, timeout=timeout, interactive=False, widget=False)
+        except Exception as exc:
+            error = self._start_error(exc, n, kind, timeout)
+            self._stop()
+            if error is exc:
+                raise
+            raise error from exc
         except BaseException:
             self._stop()
             raise
         self._processes.extend(_cluster_processes(self.cluster))
+        logger.info(
+            "started %d %s engines in %.1f s (ipyparallel cluster %s)",
+            n,
+            kind,
+            time.perf_counter() - t0,
+            self.cluster.cluster_id,
+        )
+
+    async def _start_and_connect(self, n: int, timeout: float) -> None:
+        """``Cluster.start_and_connect`` without its progress bar.
+
+        That waits for the engines with ``interactive`` left to ipyparallel, which shows a
+        progress bar in an IPython session (tqdm on stdout, or a widget in a notebook cell).
+        The wait runs in the same event loop as the start, so that engines that exit while
+        starting fail it at once instead of after ``timeout``.
+        """
+        import asyncio
+
+        await self.cluster.start_cluster(n=n)
+        self.client = await self.cluster.connect_client()
+        await asyncio.wrap_future(
+            self.client.wait_for_engines(
+                n, timeout=timeout, block=False, interactive=False, widget=False
+            )
+        )
+
+    def _start_error(self, exc: Exception, n: int, kind: str, timeout: float) -> Exception:
+        """The error to raise when the engines of a started cluster did not come up.
+
+        A timeout stays a ``TimeoutError`` and engines that exited become a ``RuntimeError``;
+        both name the engines' exit codes and quote the last lines of their output (which the
+        clean-up deletes with a throwaway profile directory). Other errors are kept as they are.
+        """
+        if isinstance(exc, TimeoutError):
+            registered = len(self.client.ids) if self.client is not None else 0
+            reason = f"only {registered} of them registered within {timeout} s"
+            hint = "pass a longer timeout= if the engines are only slow to start"
+            error_type: type[Exception] = TimeoutError
+        elif type(exc).__name__ == "EngineError":
+            reason = "they exited while starting"
+            hint = "fix the engines' environment (see their output above)"
+            error_type = RuntimeError
+        else:
+            return exc
+        report = _startup_report(self.cluster)
+        return error_type(
+            f"{n} {kind} ipyparallel engines did not start: {reason} ({exc}).\n"
+            f"{report or 'The engines printed nothing.'}\n{hint}"
+        )
 
     def _connect(
         self,
@@ -848,13 +964,37 @@ def _reap(processes: list, grace: float = 0.2) -> None:
         logger.debug("killed %d leftover ipyparallel processes", len(leftovers))
 
 
+def _startup_report(cluster: Any) -> str:
+    """Exit codes and the last lines of output of a starting cluster's engines (and of its
+    controller if that stopped), for the error raised when the engines do not start."""
+    parts = []
+    launchers = [(f"engine set {key}", es) for key, es in getattr(cluster, "engines", {}).items()]
+    controller = getattr(cluster, "controller", None)
+    if controller is not None and getattr(controller, "state", None) == "after":
+        launchers.append(("controller", controller))
+    for name, launcher in launchers:
+        stop_data = getattr(launcher, "stop_data", None) or {}
+        exit_code = stop_data.get("exit_code") if isinstance(stop_data, dict) else None
+        try:
+            output = launcher.get_output() or ""
+        except Exception as exc:  # e.g. a remote launcher that cannot fetch its output
+            output = f"(could not read its output: {exc})"
+        lines = output.strip().splitlines()[-_OUTPUT_LINES:]
+        status = "running" if exit_code is None else f"exit code {exit_code}"
+        text = "\n".join(f"    {line}" for line in lines) if lines else "    (no output)"
+        parts.append(f"{name} ({status}), last lines of output:\n{text}")
+    return "\n".join(parts)
+
+
 def _stop_cluster(cluster: Any, client: Any, profile_dir: str | None, processes: list) -> None:
     """Close a client, stop a cluster, reap its processes and delete a throwaway profile
     directory. Runs once, from ``shutdown()``, garbage collection or exit."""
     if client is not None:
         with contextlib.suppress(Exception):
             client.close(linger=0)
-    if cluster is not None and (cluster.controller is not None or cluster.engines):
+    t0 = time.perf_counter()
+    stopped = cluster is not None and (cluster.controller is not None or bool(cluster.engines))
+    if stopped:
         try:
             cluster.stop_cluster_sync()
         except Exception:
@@ -862,3 +1002,7 @@ def _stop_cluster(cluster: Any, client: Any, profile_dir: str | None, processes:
     _reap(processes)
     if profile_dir is not None:
         shutil.rmtree(profile_dir, ignore_errors=True)
+    if stopped:
+        logger.info(
+            "stopped ipyparallel cluster %s in %.1f s", cluster.cluster_id, time.perf_counter() - t0
+        )
