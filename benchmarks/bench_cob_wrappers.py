@@ -128,11 +128,11 @@ def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
                     runners[f"{name}/{terms_per_task}"] = wrapper
             # interleaved rounds, so that a change in machine load hits every mode alike
             times: dict[str, list[float]] = {mode: [] for mode in runners}
-            inline_calls = dict.fromkeys(runners, 0)
+            inline: dict[str, list[bool]] = {mode: [] for mode in runners}
             for _ in range(repeats):
                 for mode, runner in runners.items():
                     times[mode].append(_timed(lambda r=runner: r(PARAMS, EvaluateContext())))
-                    inline_calls[mode] += getattr(runner, "last_tasks", None) == 0
+                    inline[mode].append(getattr(runner, "last_tasks", None) == 0)
             serial_times = times.pop("serial")
             entry: dict = {
                 "n_terms": n_terms,
@@ -149,8 +149,13 @@ def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
                 stats["speedup_paired_median"] = statistics.median(
                     s / t for s, t in zip(serial_times, mode_times)
                 )
-                # calls where "auto" kept the terms in this thread (the executor did not pay)
-                stats["inline_calls"] = inline_calls[mode]
+                # calls where "auto" kept the terms in this thread (the executor did not pay),
+                # and the median time of those calls and of the calls on the executor
+                stats["inline_calls"] = sum(inline[mode])
+                for label, kept in (("inline", True), ("executor", False)):
+                    chosen = [t for t, i in zip(mode_times, inline[mode]) if i == kept]
+                    if chosen:
+                        stats[f"{label}_call_median"] = statistics.median(chosen)
                 entry[mode] = stats
             results[case] = entry
     finally:
