@@ -38,7 +38,7 @@ from chemfit.fitting.fitter_context import (
     best_context,
     worker_contexts,
 )
-from chemfit.fitting.nevergrad_loop import NevergradLoop
+from chemfit.fitting.nevergrad_loop import NevergradLoop, quiet_cma_injections
 from chemfit.fitting.optimizer_lookup import (
     delegates_to_scipy,
     nevergrad_optimizer_class,
@@ -632,13 +632,14 @@ class Fitter:
                 dispatch=lambda step: self._dispatch_step(session, step),
                 stop_requested=self._stop.is_set,
             )
-            loop.replay(replay, float(self.value_bad_params), tell=tell_replay)
-            optimizer.suggest(start)
-            if mode == "async" and num_workers > 1:
-                loop.run_async(budget)
-            else:
-                loop.run_batches(budget)
-            recommendation = optimizer.provide_recommendation().value
+            with quiet_cma_injections():
+                loop.replay(replay, float(self.value_bad_params), tell=tell_replay)
+                optimizer.suggest(start)
+                if mode == "async" and num_workers > 1:
+                    loop.run_async(budget)
+                else:
+                    loop.run_batches(budget)
+                recommendation = optimizer.provide_recommendation().value
             opt_params = nested_floats(recommendation.items())
         except BaseException as exc:
             self._abort(session, exc)
@@ -661,7 +662,7 @@ class Fitter:
         logger.warning(
             "%s runs a scipy minimiser that cannot be told earlier observations (nevergrad "
             "hangs on them), so the %d observations are counted but not told: the fit restarts "
-            "from the best observed point. Use OnePlusOne, CMA, TwoPointsDE or NGOpt to let the "
+            "from the best observed point. Use OnePlusOne, TwoPointsDE or NGOpt to let the "
             "optimizer learn from them.",
             optimizer_str,
             len(replay),

@@ -8,8 +8,10 @@ is only touched on the calling (main) thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +21,61 @@ from chemfit.fitting.fit_session import FitSession
 from chemfit.fitting.fitter_context import sanitise_loss
 from chemfit.fitting.parameter_space import nested_floats
 
-__all__ = ["NevergradLoop", "candidate_params"]
+__all__ = ["NevergradLoop", "candidate_params", "quiet_cma_injections"]
 
 logger = logging.getLogger(__name__)
+
+# cma's own spelling; the warning is cma.evolution_strategy.InjectionWarning (a UserWarning).
+_CMA_ORPHAN = "orphanated injected solution"
+
+
+@contextmanager
+def quiet_cma_injections() -> Iterator[None]:
+    """Count cma's "orphanated injected solution" warnings instead of printing them.
+
+    nevergrad's CMA wrapper tells cma the genotype recomputed from each candidate's value,
+    which differs from the sampled one by round-off (~1e-16). cma finds its injected
+    selective mirrors (used when its population is below 6, as in fully bounded fits of up
+    to 7 parameters) by their exact bytes, misses some and warns every few generations,
+    with or without workers, suggestions or replayed observations. The solutions are told
+    all the same; only their negative (active) weight is not zeroed. One INFO line reports
+    the count. Other warnings are shown as before.
+
+    ``catch_warnings`` swaps process-wide state, so enter and leave this once per fit, on
+    the main thread, while no evaluation runs (not around each ``tell``: every swap also
+    resets the "default"/"once" registries, so warnings shown once would be shown again).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with quiet_cma_injections():
+    ...     warnings.warn_explicit(_CMA_ORPHAN + " {}", UserWarning, "es.py", 1,
+    ...                            module="cma.evolution_strategy")
+    """
+    count = 0
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def hook(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            nonlocal count
+            if issubclass(category, UserWarning) and str(message).startswith(_CMA_ORPHAN):
+                count += 1
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = hook
+        warnings.filterwarnings(
+            "always", message=_CMA_ORPHAN, category=UserWarning, module=r"cma\."
+        )
+        try:
+            yield
+        finally:
+            if count:
+                logger.info(
+                    "cma warned %d times of an orphaned injected solution: round-off in "
+                    "nevergrad's CMA wrapper, harmless",
+                    count,
+                )
 
 
 def candidate_params(candidate: Any) -> dict:
