@@ -9,8 +9,10 @@ Each case is timed serially (``cob(params, ctx)``) and through :class:`ExecutorW
 a thread pool, a process pool and loky (``--workers`` workers, default 2), with
 ``terms_per_task="auto"`` (after one warm-up call, so the grouping uses measured times) and with
 ``terms_per_task=1``. The warm-up value of every mode is checked bitwise against the serial one.
-The modes are timed in interleaved rounds, so that changes in machine load hit them alike; on a
-shared machine, compare the min times. The script prints one JSON document with the min and
+As a reference, ``process/bare`` and ``loky/bare`` send the bare terms through
+``executor.map`` with no chemfit code at all: the speed-up the machine gives at best.
+The modes are timed in interleaved rounds, in an order rotated each round, so that changes in
+machine load hit them alike; on a shared machine, compare the min times. The script prints one JSON document with the min and
 median times and the speed-ups over serial: ``speedup_min`` compares min times,
 ``speedup_paired_median`` is the median over rounds of serial time / mode time (what the
 targets are checked on); ``inline_calls`` counts the timed calls in which ``"auto"`` found the
@@ -84,6 +86,22 @@ def build_cob(case: str, n_iter: int) -> CombinedObjectiveFunction:
     return CombinedObjectiveFunction(terms, weights=[1.0 + 0.1 * k for k in range(n_terms)])
 
 
+def _call_term(term: SpinTerm, parameters: dict) -> float:
+    return term(parameters)
+
+
+class BareMap:
+    """The reference: the terms through ``executor.map`` with no chemfit code (no contexts,
+    no configurator, no reduction): the speed-up this machine allows at all."""
+
+    def __init__(self, cob: CombinedObjectiveFunction, executor) -> None:
+        self.terms = list(cob.objective_functions)
+        self.executor = executor
+
+    def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
+        return sum(self.executor.map(_call_term, self.terms, [parameters] * len(self.terms)))
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -126,11 +144,19 @@ def bench_executors(repeats: int, workers: int, cases: list[str]) -> dict:
                             f"{name}/{terms_per_task}: {value!r} != serial {expected!r}"
                         )
                     runners[f"{name}/{terms_per_task}"] = wrapper
+                if name != "thread":
+                    runners[f"{name}/bare"] = BareMap(cob, executor)
+                    runners[f"{name}/bare"](PARAMS)
             # interleaved rounds, so that a change in machine load hits every mode alike
             times: dict[str, list[float]] = {mode: [] for mode in runners}
             inline: dict[str, list[bool]] = {mode: [] for mode in runners}
-            for _ in range(repeats):
-                for mode, runner in runners.items():
+            modes = list(runners)
+            for round_index in range(repeats):
+                # rotate the order, so that no mode always runs first on a pool that has been
+                # idle (waking sleeping workers costs the first call) or right after another
+                shift = round_index % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
+                    runner = runners[mode]
                     times[mode].append(_timed(lambda r=runner: r(PARAMS, EvaluateContext())))
                     inline[mode].append(getattr(runner, "last_tasks", None) == 0)
             serial_times = times.pop("serial")
@@ -182,6 +208,11 @@ def check_targets(results: dict) -> dict:
                 "speedup_paired_median": round(stats["speedup_paired_median"], 3),
                 "met": stats["speedup_paired_median"] >= target,
             }
+            bare = results[case].get(f"{mode.split('/')[0]}/bare")
+            if bare is not None:  # what executor.map alone reaches on this machine
+                verdicts[case][mode]["bare_speedup_paired_median"] = round(
+                    bare["speedup_paired_median"], 3
+                )
     return verdicts
 
 
