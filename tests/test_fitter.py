@@ -792,6 +792,37 @@ def test_resume_with_a_scipy_based_meta_optimizer_does_not_hang(caplog):
     assert result.best_loss <= best_observed
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("optimizer", ["CMA", "OnePlusOne"])
+def test_resume_with_cma_restarts_from_the_best_observation(optimizer, caplog):
+    """CMA (cma 4 under nevergrad 1.0) silently drops points told before its first ask: the
+    Fitter says so and restarts from the best observation; OnePlusOne is told them."""
+    rng = np.random.default_rng(1)
+    bounds = {k: (-5.0, 5.0) for k in "abc"}
+
+    def objective(p):
+        return (p["a"] - 1.3) ** 2 + 3 * (p["b"] + 0.7) ** 2 + 0.5 * (p["c"] - 0.2) ** 2
+
+    observations = []
+    for _ in range(10):
+        point = {k: float(rng.uniform(-5, 5)) for k in "abc"}
+        observations.append((point, objective(point)))
+    best_point = min(observations, key=lambda o: o[1])[0]
+    fitter = Fitter(objective, {"a": 0.0, "b": 0.0, "c": 0.0}, bounds=bounds)
+    with caplog.at_level(logging.INFO, logger="chemfit"):
+        fitter.fit_nevergrad(
+            budget=20, optimizer_str=optimizer, initial_observations=observations, seed=0
+        )
+    result = fitter.result
+    assert result.n_observations == 10 and result.n_evals == 20
+    if optimizer == "CMA":
+        assert "drops points told before its first ask" in caplog.text
+        assert result.history[0].parameters == best_point
+    else:
+        assert "told 10 initial observations" in caplog.text
+        assert "counted but not told" not in caplog.text
+
+
 # -- request_stop ------------------------------------------------------------------------------
 
 

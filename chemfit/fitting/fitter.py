@@ -41,6 +41,7 @@ from chemfit.fitting.fitter_context import (
 from chemfit.fitting.nevergrad_loop import NevergradLoop, quiet_cma_injections
 from chemfit.fitting.optimizer_lookup import (
     delegates_to_scipy,
+    drops_early_tells,
     nevergrad_optimizer_class,
     scipy_ignores_bounds,
     scipy_method_name,
@@ -614,9 +615,10 @@ class Fitter:
                 num_workers=num_workers,
             )
             start = dict(flat)
-            tell_replay = not (replay and delegates_to_scipy(optimizer))
+            why_not = self._cannot_learn_from(optimizer) if replay else None
+            tell_replay = why_not is None
             if not tell_replay:
-                start = self._restart_point(optimizer_str, replay, start)
+                start = self._restart_point(optimizer_str, replay, start, why_not)
                 parametrization = nevergrad_parametrization(flat, flat_bounds)
                 if seed is not None:
                     parametrization.random_state.seed(int(seed))
@@ -647,10 +649,14 @@ class Fitter:
         return self.finish(opt_params)
 
     def _restart_point(
-        self, optimizer_str: str, replay: list[tuple[dict[str, float], Any]], start: dict
+        self,
+        optimizer_str: str,
+        replay: list[tuple[dict[str, float], Any]],
+        start: dict,
+        why_not: str,
     ) -> dict:
         """The best finite observation, where a fit restarts when its optimizer cannot be told
-        the observations (nevergrad's scipy-based optimizers hang on foreign points)."""
+        the observations (``why_not`` from :meth:`_cannot_learn_from`)."""
         finite = [
             (float(loss), values)
             for values, loss in replay
@@ -660,14 +666,29 @@ class Fitter:
         ]
         best = dict(min(finite, key=lambda item: item[0])[1]) if finite else start
         logger.warning(
-            "%s runs a scipy minimiser that cannot be told earlier observations (nevergrad "
-            "hangs on them), so the %d observations are counted but not told: the fit restarts "
-            "from the best observed point. Use OnePlusOne, TwoPointsDE or NGOpt to let the "
+            "%s %s, so the %d observations are counted but not told: the fit restarts from "
+            "the best observed point. Use OnePlusOne, TwoPointsDE or NGOpt to let the "
             "optimizer learn from them.",
             optimizer_str,
+            why_not,
             len(replay),
         )
         return best
+
+    @staticmethod
+    def _cannot_learn_from(optimizer: Any) -> str | None:
+        """Why ``optimizer`` cannot be told earlier observations, or ``None`` when it can."""
+        if delegates_to_scipy(optimizer):
+            return (
+                "runs a scipy minimiser that cannot be told earlier observations (nevergrad "
+                "hangs on them)"
+            )
+        if drops_early_tells(optimizer):
+            return (
+                "runs CMA, which silently drops points told before its first ask (nevergrad "
+                "1.0 with cma 4)"
+            )
+        return None
 
     # -- scipy --------------------------------------------------------------------------------
 

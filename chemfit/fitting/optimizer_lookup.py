@@ -13,6 +13,7 @@ from chemfit.core.exceptions import UnknownOptimizerError
 __all__ = [
     "SCIPY_METHODS_WITHOUT_BOUNDS",
     "delegates_to_scipy",
+    "drops_early_tells",
     "nevergrad_optimizer_class",
     "scipy_ignores_bounds",
     "scipy_method_name",
@@ -138,4 +139,32 @@ def delegates_to_scipy(optimizer: Any) -> bool:
         if inner is not None:
             pending.append(inner)
         pending.extend(getattr(current, "optimizers", None) or [])  # chains and portfolios
+    return False
+
+
+def drops_early_tells(optimizer: Any) -> bool:
+    """Whether a nevergrad optimizer runs CMA, which drops points told before its first ask.
+
+    With cma 4.x, ``tell`` before the first ``ask`` fails inside cma and nevergrad 1.0 swallows
+    the error, so observations replayed into a fresh CMA are silently lost. This follows the
+    optimizer's selection (``NGOpt``-style ``optim``), not portfolios, whose other members do
+    learn from the points.
+
+    Examples
+    --------
+    >>> import nevergrad as ng
+    >>> space = ng.p.Dict(x=ng.p.Scalar(0.0, lower=-1, upper=1), y=ng.p.Scalar(0.0))
+    >>> drops_early_tells(ng.optimizers.registry["CMA"](space, budget=10))
+    True
+    >>> drops_early_tells(ng.optimizers.registry["OnePlusOne"](space, budget=10))
+    False
+    """
+    from nevergrad.optimization.optimizerlib import _CMA
+
+    current, seen = optimizer, []
+    while current is not None and not any(current is other for other in seen):
+        if isinstance(current, _CMA):
+            return True
+        seen.append(current)
+        current = getattr(current, "optim", None)
     return False
