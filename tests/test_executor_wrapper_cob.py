@@ -272,6 +272,9 @@ def test_auto_groups_cheap_terms_into_one_task_per_worker():
         wrapper = ExecutorWrapperCOB(cob, pool)
         wrapper(h.PARAMS)
         assert (pool.n_submitted, wrapper.last_tasks) == (8, 8)  # no timings: one per term
+        pool.n_submitted = 0
+        wrapper(h.PARAMS)  # one call in this thread, to time it
+        assert (pool.n_submitted, wrapper.last_tasks) == (0, 0)
         for _ in range(6):  # sleeping terms overlap on threads: the executor keeps paying
             pool.n_submitted = 0
             wrapper(h.PARAMS)
@@ -311,13 +314,13 @@ def test_auto_goes_inline_when_the_executor_does_not_pay_and_retries_later(caplo
         wrapper = ExecutorWrapperCOB(cob, pool)
         tasks = []
         with caplog.at_level(logging.INFO, logger="chemfit"):
-            for _ in range(1 + 2 + 4 + 1 + 8 + 1):
+            for _ in range(1 + 1 + 1 + 4 + 1 + 8 + 1):
                 assert same_bits(wrapper(h.PARAMS), expected)
                 tasks.append(wrapper.last_tasks)
-    # one task per term; two grouped calls slower than serial; 4 inline; a retry that
-    # loses; 8 inline; the next retry
-    assert tasks == [20, 2, 2] + [0] * 4 + [2] + [0] * 8 + [2]
-    inline_lines = [r for r in caplog.records if "evaluating them in this thread" in r.message]
+    # one task per term; one inline call to time it; a grouped call far slower (20 ms of
+    # dispatch against about 2 ms of terms); 4 inline; a retry that loses; 8 inline; a retry
+    assert tasks == [20, 0, 2] + [0] * 4 + [2] + [0] * 8 + [2]
+    inline_lines = [r for r in caplog.records if "evaluating them here from now on" in r.message]
     assert len(inline_lines) == 1 and inline_lines[0].levelno == logging.INFO
     assert "SlowDispatchThreadPool" in inline_lines[0].message
 
@@ -347,19 +350,26 @@ def test_inline_auto_raises_the_first_failing_term_like_serial():
 @pytest.mark.timeout(10)
 def test_inline_chooser_backs_off_and_resets():
     chooser = _InlineChooser()
+    assert not chooser.use_executor(1)  # first time an inline call
+    chooser.record_inline(1.0)
     assert chooser.use_executor(1)
-    assert not chooser.record(1, 2.0, 1.0)  # one slow call is not enough
-    assert chooser.record(1, 2.0, 1.0)  # the second switches to inline
+    assert not chooser.record(1, 1.2)  # one slightly slower call is not enough
+    assert chooser.record(1, 1.2)  # the second in a row switches to inline
     assert [chooser.use_executor(1) for _ in range(5)] == [False] * 4 + [True]
-    assert not chooser.record(1, 2.0, 1.0)  # the retry lost: wait 8 calls
+    assert not chooser.record(1, 2.0)  # the retry lost: wait 8 calls
     assert [chooser.use_executor(1) for _ in range(9)] == [False] * 8 + [True]
-    assert not chooser.record(1, 0.5, 1.0)  # the retry won: back on the executor
+    assert not chooser.record(1, 0.5)  # the retry won: back on the executor
     assert chooser.use_executor(1) and not chooser.inline
-    chooser.record(1, 2.0, 1.0)
-    chooser.record(1, 2.0, 1.0)
+    assert not chooser.record(1, 1.2)
+    assert not chooser.record(1, 0.9)  # a faster call breaks the streak
+    assert not chooser.record(1, 1.2)
+    assert chooser.record(1, 1.5)  # a clear loss switches at once
     assert chooser.inline
+    chooser.record_inline(3.0)
+    chooser.record_inline(3.0)
+    assert chooser.serial_seconds() == 3.0  # the median of the recent inline calls
     assert chooser.use_executor(2) and not chooser.inline  # another executor starts afresh
-    assert not chooser.record(1, 2.0, 1.0)  # a late record for the old executor is ignored
+    assert not chooser.record(1, 9.0)  # a late record for the old executor is ignored
 
 
 @pytest.mark.timeout(20)

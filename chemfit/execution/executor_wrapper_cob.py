@@ -15,9 +15,10 @@ caller:
 
 Cheap terms are grouped: ``terms_per_task="auto"`` measures the term times of each call and
 packs terms under about 5 ms into at most one task per worker. On a pool of this machine
-(threads, a process pool, loky) it also times the grouped calls: when sending the terms costs
-more than it gains (two calls in a row slower than the terms' summed time), it evaluates them
-in the calling thread and tries the executor again after 4, 8, ... 64 calls.
+(threads, a process pool, loky) it also times the grouped calls against a call evaluated in
+the calling thread: when sending the terms costs more than it gains (two calls in a row
+slower, or one 1.5 times slower), it evaluates them in the calling thread and tries the
+executor again after 4, 8, ... 64 calls.
 
 For executors in other processes the combined objective is pickled once per call and cached in
 each worker process by a content hash, so a worker unpickles it only when it changed.
@@ -74,8 +75,10 @@ CHEAP_TERM_SECONDS = 5e-3
 _MIN_TASK_SECONDS = 1e-3
 #: ... and estimates a term's time as the median of its last few measurements.
 _N_TIME_SAMPLES = 3
-#: ``"auto"`` goes inline after this many grouped calls in a row slower than serial, ...
+#: ``"auto"`` goes inline after this many grouped calls in a row slower than serial, or after
+#: one that took this many times the serial estimate (a clear loss, not noise), ...
 _SLOW_CALLS_BEFORE_INLINE = 2
+_CLEAR_LOSS_RATIO = 1.5
 #: ... and tries the executor again after this many inline calls, doubling up to the maximum.
 _FIRST_RETRY_AFTER = 4
 _MAX_RETRY_AFTER = 64
@@ -355,15 +358,18 @@ class _TermTimes:
 class _InlineChooser:
     """Whether ``terms_per_task="auto"`` sends a call's terms to the executor or keeps them inline.
 
-    Grouped calls are timed against the summed term times (the serial estimate). After
-    ``_SLOW_CALLS_BEFORE_INLINE`` slower calls in a row the terms run inline; every so many
-    inline calls one call goes to the executor again (a retry), and the wait doubles each time
-    the retry is slower too. A different executor starts afresh. Thread-safe.
+    Grouped calls on the executor are timed against calls that evaluated every term inline
+    (the median of the last few); the first planned call runs inline to measure that. After
+    ``_SLOW_CALLS_BEFORE_INLINE`` slower executor calls in a row, or one slower by
+    ``_CLEAR_LOSS_RATIO`` or more, the terms run inline; every so many inline calls one call
+    goes to the executor again (a retry), and the wait doubles each time the retry loses too.
+    A different executor starts afresh. Thread-safe.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: int | None = None
+        self._inline_seconds: deque[float] = deque(maxlen=_N_TIME_SAMPLES)
         self._reset(None)
 
     def _reset(self, key: int | None) -> None:
@@ -378,15 +384,29 @@ class _InlineChooser:
         with self._lock:
             if key != self._key:
                 self._reset(key)
+            if not self._inline_seconds:
+                return False  # first measure what an inline call costs
             if not self.inline or self._calls_to_retry <= 0:
                 return True
             self._calls_to_retry -= 1
             return False
 
-    def record(self, key: int, parallel_seconds: float, serial_seconds: float) -> bool:
-        """Record a grouped call; ``True`` when this switches the wrapper to inline."""
+    def record_inline(self, seconds: float) -> None:
+        """Record the time of a call that evaluated every term inline."""
         with self._lock:
-            if key != self._key:
+            self._inline_seconds.append(seconds)
+
+    def serial_seconds(self) -> float | None:
+        """The median time of the recent inline calls, ``None`` before the first."""
+        with self._lock:
+            times = sorted(self._inline_seconds)
+            return times[len(times) // 2] if times else None
+
+    def record(self, key: int, parallel_seconds: float) -> bool:
+        """Record a grouped call on the executor; ``True`` when this switches to inline."""
+        serial_seconds = self.serial_seconds()
+        with self._lock:
+            if key != self._key or serial_seconds is None:
                 return False
             if parallel_seconds <= serial_seconds:
                 self._reset(key)
@@ -396,7 +416,8 @@ class _InlineChooser:
                 self._calls_to_retry = self._retry_after
                 return False
             self._slow_calls += 1
-            if self._slow_calls < _SLOW_CALLS_BEFORE_INLINE:
+            clear_loss = parallel_seconds >= _CLEAR_LOSS_RATIO * serial_seconds
+            if self._slow_calls < _SLOW_CALLS_BEFORE_INLINE and not clear_loss:
                 return False
             self.inline = True
             self._calls_to_retry = self._retry_after
@@ -455,9 +476,10 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         term times: a term of 5 ms or more gets its own task and the cheaper terms are packed
         into at most one task per worker. On a pool of this machine (threads, a process pool,
         loky), ``"auto"`` also keeps the terms in the calling thread when the executor does not
-        pay: when the plan is a single task, or when two grouped calls in a row took longer
-        than the terms' summed time. It tries the executor again after 4 inline calls, then
-        8, ... up to 64 while that stays true.
+        pay. It times one call in the calling thread first; then, when the plan is a single
+        task, or when two grouped calls in a row took longer than that (or one took 1.5 times
+        as long), it evaluates the terms there. It tries the executor again after 4 inline
+        calls, then 8, ... up to 64 while that stays true.
 
     Attributes
     ----------
@@ -627,19 +649,20 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
             return cob(parameters, ctx)
         ctx = cob.prepare_context(parameters, ctx)
         n_terms = cob.n_terms()
-        chunks, serial_estimate = self._plan(n_terms, executor)
+        chunks, judged = self._plan(n_terms, executor)
         with ctx.child_contexts(n_terms, cob.child_context_configurator) as children:
+            start = time.perf_counter()
             if chunks is None:
                 self.last_tasks = 0
                 terms = self._run_inline(parameters, children, n_terms)
+                self._chooser.record_inline(time.perf_counter() - start)
             else:
                 self.last_tasks = len(chunks)
                 remote = not runs_in_process(executor)
                 shipped = _ship(cob, executor) if remote else cob
-                start = time.perf_counter()
                 terms = self._run(executor, shipped, parameters, chunks, children, remote, n_terms)
-                if serial_estimate is not None:
-                    self._judge(executor, time.perf_counter() - start, serial_estimate)
+                if judged:
+                    self._judge(executor, time.perf_counter() - start)
         kept = cob.filter_terms(terms, ctx)
         ctx.loss = cob.apply_reduction(kept, ctx)
         return ctx.loss
@@ -657,15 +680,16 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
             raise failure[1]
         return values
 
-    def _judge(self, executor: Any, parallel_seconds: float, serial_seconds: float) -> None:
-        if not self._chooser.record(id(executor), parallel_seconds, serial_seconds):
+    def _judge(self, executor: Any, parallel_seconds: float) -> None:
+        if not self._chooser.record(id(executor), parallel_seconds):
             return
+        serial_seconds = self._chooser.serial_seconds() or 0.0
         with self._lock:
             first, self._auto_inline_logged = not self._auto_inline_logged, True
         logger.log(
             logging.INFO if first else logging.DEBUG,
             "%s(terms_per_task='auto'): on %s the grouped terms took %.3g ms per call against "
-            "%.3g ms evaluated one after the other; evaluating them in this thread, and trying "
+            "%.3g ms evaluated in this thread; evaluating them here from now on, and trying "
             "the executor again from time to time (an int terms_per_task always uses the "
             "executor)%s",
             type(self).__name__,
@@ -687,21 +711,21 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
             type(executor).__name__,
         )
 
-    def _plan(self, n_terms: int, executor: Any) -> tuple[list[list[int]] | None, float | None]:
-        """The chunks of term indices to submit (``None``: evaluate inline), and the serial
-        time estimate to judge the call by (``None``: do not judge it)."""
+    def _plan(self, n_terms: int, executor: Any) -> tuple[list[list[int]] | None, bool]:
+        """The chunks of term indices to submit (``None``: evaluate inline), and whether to
+        time the call against inline calls."""
         terms_per_task = self.terms_per_task
         if terms_per_task != "auto":
-            return _fixed_chunks(n_terms, terms_per_task), None
+            return _fixed_chunks(n_terms, terms_per_task), False
         seconds = self._times.estimates(n_terms)
         if seconds is None:
-            return _fixed_chunks(n_terms, 1), None
+            return _fixed_chunks(n_terms, 1), False
         chunks = _auto_chunks(seconds, _worker_count(executor))
         if not is_local_pool(executor):  # remote workers may see files, programs this one lacks
-            return chunks, None
+            return chunks, False
         if len(chunks) == 1 or not self._chooser.use_executor(id(executor)):
-            return None, None  # one task cannot beat this thread, it only adds the round trip
-        return chunks, sum(seconds)
+            return None, False  # one task cannot beat this thread, it only adds the round trip
+        return chunks, True
 
     def _run(
         self,
