@@ -637,7 +637,8 @@ def test_evaluation_callback_error_keeps_every_result_of_its_step(mode):
     with pytest.raises(RuntimeError, match="evaluation callback failed"):
         fitter.fit_nevergrad(budget=20, optimizer_str="OnePlusOne", num_workers=2, mode=mode)
     history = fitter.result.history
-    assert seen == [0, 1, 2]
+    # async: the records that finished beside it still reach the callbacks, after the error
+    assert seen == [0, 1, 2] if mode == "batch" else seen[:3] == [0, 1, 2]
     # the record after the failing one, told in the same step, is kept
     assert len(history) >= 4 if mode == "batch" else len(history) >= 3
     assert [r.index for r in history] == list(range(len(history)))

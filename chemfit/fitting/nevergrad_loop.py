@@ -196,10 +196,12 @@ class NevergradLoop:
         return map_with_context(executor, self.objective, [params], ctxs=[ctx])[0]
 
     def _record_in_flight(
-        self, in_flight: dict[Any, tuple[int, Any, dict, int]], step: int
+        self, in_flight: dict[Any, tuple[int, Any, dict, int]], step: int, *, quiet: bool = False
     ) -> None:
         """After a failure: wait for the evaluations still running and keep those that finish
-        in the history (nothing evaluated is lost), then forget them."""
+        in the history (nothing evaluated is lost), then forget them. With ``quiet``, an
+        evaluation callback that raises again while they are recorded is only logged (the
+        caller is already raising the first error)."""
         for future in sorted(in_flight, key=lambda f: in_flight[f][0]):
             _, _, params, slot = in_flight[future]
             try:
@@ -208,7 +210,12 @@ class NevergradLoop:
                 continue
             self.session.stage(self.contexts[slot], params, slot, loss)
         in_flight.clear()
-        self.flush(step)
+        try:
+            self.flush(step)
+        except Exception:
+            if not quiet:
+                raise
+            logger.debug("an evaluation callback failed again on the last records", exc_info=True)
 
     def run_async(self, budget: int) -> None:
         """Steady state: up to ``num_workers`` evaluations in flight, each told on arrival.
@@ -235,21 +242,25 @@ class NevergradLoop:
                     asked += 1
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                 error: Exception | None = None
-                for future in sorted(done, key=lambda f: in_flight[f][0]):
-                    _, candidate, params, slot = in_flight.pop(future)
-                    try:
-                        loss = float(future.result())
-                    except Exception as exc:
-                        error = error or exc
-                        continue
-                    optimizer.tell(candidate, loss)
-                    session.stage(self.contexts[slot], params, slot, loss)
-                    self.flush(step)
-                    told += 1
-                    free.append(slot)
-                    if told % n_workers == 0 or told == budget:
-                        self.dispatch(step)
-                        step += 1
+                try:
+                    for future in sorted(done, key=lambda f: in_flight[f][0]):
+                        _, candidate, params, slot = in_flight.pop(future)
+                        try:
+                            loss = float(future.result())
+                        except Exception as exc:
+                            error = error or exc
+                            continue
+                        optimizer.tell(candidate, loss)
+                        session.stage(self.contexts[slot], params, slot, loss)
+                        self.flush(step)
+                        told += 1
+                        free.append(slot)
+                        if told % n_workers == 0 or told == budget:
+                            self.dispatch(step)
+                            step += 1
+                except Exception:  # a callback raised: keep what finished and what is running
+                    self._record_in_flight(in_flight, step, quiet=True)
+                    raise
                 if error is not None:
                     self._record_in_flight(in_flight, step)
                     raise error
