@@ -20,7 +20,7 @@ executor not worth it and evaluated the terms in the calling thread.
 
 Run::
 
-    .venv/bin/python benchmarks/bench_cob_wrappers.py [--repeats 9] [--workers 2] [--case cheap]
+    .venv/bin/python benchmarks/bench_cob_wrappers.py [--repeats 15] [--workers 2] [--case cheap]
 
 MPIWrapperCOB on the same two cases is measured by ``benchmarks/bench_mpi_wrapper_cob.py``.
 """
@@ -218,7 +218,7 @@ def check_targets(results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9, help="timed calls per mode (>= 5)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per mode (>= 5)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all")
     args = parser.parse_args(argv)
