@@ -7,7 +7,11 @@ case is repeated; the figures are the min and median over repeats.
    evaluation costs (median 100 ms, sigma 1; the objective sleeps, like an external program),
    ``OnePlusOne``, budget 60. Target: asynchronous >= 1.25x faster than batch.
 2. ``fitter_overhead``: a cheap objective, serial, ``OnePlusOne``: ``Fitter.fit_nevergrad``
-   against a bare nevergrad ask/tell loop on the same parametrization. Target: <= 5% slower.
+   against a bare nevergrad ask/tell loop on the same parametrization and seed, in pairs.
+   The time spent inside nevergrad's ask and tell is measured apart: what is left is the
+   loop's own time, and the fitter's minus the bare loop's is the fitter's own overhead per
+   evaluation. Target: <= 5% of the bare loop's time per evaluation. The wall-time ratio is
+   reported too; it carries nevergrad's run-to-run noise (+-15% on this machine).
 3. ``optimizer_cost``: seconds per ask/tell pair of a few optimizers on a 2-parameter problem,
    the floor under any parallel speed-up for cheap objectives.
 
@@ -17,6 +21,7 @@ Usage: ``python benchmarks/bench_fitter.py [--repeats N] [--quick]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -89,33 +94,91 @@ def _bare_nevergrad_loop(budget: int, optimizer: str, seed: int) -> None:
     opt.provide_recommendation()
 
 
+@contextlib.contextmanager
+def _optimizer_clock():
+    """Adds the seconds spent inside nevergrad's ``Optimizer.ask`` and ``tell`` to a list.
+
+    What is left of a run's time is the loop's own: the objective, and chemfit's bookkeeping in
+    the Fitter (or the bare loop's few lines).
+    """
+    from nevergrad.optimization import base
+
+    spent = [0.0]
+    ask, tell = base.Optimizer.ask, base.Optimizer.tell
+
+    def timed(method):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return wrapper
+
+    base.Optimizer.ask, base.Optimizer.tell = timed(ask), timed(tell)
+    try:
+        yield spent
+    finally:
+        base.Optimizer.ask, base.Optimizer.tell = ask, tell
+
+
 def fitter_overhead(repeats: int, budget: int, optimizer: str = "OnePlusOne") -> dict:
-    times: dict[str, list[float]] = {"bare": [], "fitter": []}
-    _bare_nevergrad_loop(50, optimizer, seed=0)  # warm-up: imports and first-use caches
-    Fitter(_cheap, {"x": 0.0, "y": 0.0}).fit_nevergrad(budget=50, optimizer_str=optimizer)
-    for repeat in range(repeats):
-        start = time.perf_counter()
-        _bare_nevergrad_loop(budget, optimizer, seed=repeat)
-        times["bare"].append(time.perf_counter() - start)
-        fitter = Fitter(_cheap, {"x": 0.0, "y": 0.0})
-        start = time.perf_counter()
-        fitter.fit_nevergrad(budget=budget, optimizer_str=optimizer, seed=repeat, progress=False)
-        times["fitter"].append(time.perf_counter() - start)
-    bare, ours = _summary(times["bare"]), _summary(times["fitter"])
+    """The Fitter against a bare ask/tell loop, in pairs on the same seed (same candidates).
+
+    The order within a pair alternates. Two figures: the wall-time ratio, which carries the
+    run-to-run noise of nevergrad's own ask/tell (+-15% here), and the time spent outside
+    ask/tell, which is the fitter's own overhead per evaluation.
+    """
+
+    def bare(seed: int) -> None:
+        _bare_nevergrad_loop(budget, optimizer, seed=seed)
+
+    def fitter(seed: int) -> None:
+        Fitter(_cheap, {"x": 0.0, "y": 0.0}).fit_nevergrad(
+            budget=budget, optimizer_str=optimizer, seed=seed, progress=False
+        )
+
+    bare(0)  # warm-up: imports and first-use caches
+    fitter(0)
+    wall: dict[str, list[float]] = {"bare": [], "fitter": []}
+    own: dict[str, list[float]] = {"bare": [], "fitter": []}
+    with _optimizer_clock() as in_optimizer:
+        for pair in range(2 * repeats):
+            for run in (bare, fitter) if pair % 2 else (fitter, bare):
+                in_optimizer[0] = 0.0
+                start = time.perf_counter()
+                run(pair)
+                seconds = time.perf_counter() - start
+                wall[run.__name__].append(seconds)
+                own[run.__name__].append(seconds - in_optimizer[0])
+    pairs = list(zip(wall["bare"], wall["fitter"], own["bare"], own["fitter"]))
+    bare_s, ours_s = _summary(wall["bare"]), _summary(wall["fitter"])
+    own_us = {name: 1e6 * statistics.median(times) / budget for name, times in own.items()}
     return {
         "budget": budget,
         "optimizer": optimizer,
-        "bare_s": bare,
-        "fitter_s": ours,
+        "pairs": len(pairs),
+        "bare_s": bare_s,
+        "fitter_s": ours_s,
         "per_eval_us": {
-            "bare_median": 1e6 * bare["median"] / budget,
-            "fitter_median": 1e6 * ours["median"] / budget,
+            "bare_median": 1e6 * bare_s["median"] / budget,
+            "fitter_median": 1e6 * ours_s["median"] / budget,
+            "outside_ask_tell_bare_median": own_us["bare"],
+            "outside_ask_tell_fitter_median": own_us["fitter"],
+            "fitter_own_median": own_us["fitter"] - own_us["bare"],
         },
-        "overhead": {
-            "min_ratio": ours["min"] / bare["min"] - 1.0,
-            "median_ratio": ours["median"] / bare["median"] - 1.0,
+        # the fitter's own time per evaluation (outside ask/tell, minus the bare loop's) over
+        # the bare loop's time per evaluation: what the target is checked on
+        "own_overhead": {
+            "min_ratio": min((fo - bo) / bw for bw, _, bo, fo in pairs),
+            "median_ratio": statistics.median((fo - bo) / bw for bw, _, bo, fo in pairs),
         },
-        "target": "<= 0.05",
+        "wall_overhead": {
+            "min_ratio": ours_s["min"] / bare_s["min"] - 1.0,
+            "paired_median_ratio": statistics.median(fw / bw - 1.0 for bw, fw, _, _ in pairs),
+        },
+        "target": "own_overhead <= 0.05",
     }
 
 

@@ -24,6 +24,11 @@ from chemfit.fitting.results import EvaluationRecord, FitHistory
 __all__ = ["FitSession", "PendingEvaluation", "open_pool", "progress_bar"]
 
 
+def _copy_meta(meta: Any) -> Any:
+    """A deep copy of ``meta`` (an empty dict without ``deepcopy``'s 2 us per call)."""
+    return {} if type(meta) is dict and not meta else copy.deepcopy(meta)
+
+
 @dataclass
 class PendingEvaluation:
     """An evaluation that finished but whose step has not been told yet.
@@ -118,7 +123,7 @@ class FitSession:
                 raw_loss=info.get("raw_loss", float(loss)),
                 penalised=bool(info.get("penalised", False)),
                 error=info.get("error"),
-                meta=copy.deepcopy(ctx.meta) if self.record_meta else None,
+                meta=_copy_meta(ctx.meta) if self.record_meta else None,
             )
         )
 

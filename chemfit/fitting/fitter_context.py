@@ -130,7 +130,7 @@ def describe_bad_loss(value: Any) -> str | None:
     >>> describe_bad_loss(np.float32(1.5)) is None, describe_bad_loss(np.zeros(2))
     (True, 'an array of shape (2,)')
     """
-    if isinstance(value, numbers.Real):
+    if type(value) is float or isinstance(value, numbers.Real):
         return None
     ndim = getattr(value, "ndim", None)
     if ndim == 0 and getattr(getattr(value, "dtype", None), "kind", "") in "biuf":

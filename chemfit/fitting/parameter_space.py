@@ -55,6 +55,8 @@ def float_tree(nested: Any) -> Any:
     >>> float_tree({"a": {"b": np.float32(0.5)}, "c": 2})
     {'a': {'b': 0.5}, 'c': 2.0}
     """
+    if type(nested) is float:  # the common leaf, without the ABC checks below
+        return nested
     if isinstance(nested, Mapping):
         return {key: float_tree(value) for key, value in nested.items()}
     if is_real(nested) or describe_bad_loss(nested) is None:
