@@ -2,14 +2,17 @@
 
 Both run the same trivial objective over the same inputs and contexts on the same executor.
 Prints one JSON document: for each executor kind and chunksize, the seconds per evaluation
-(min and median over the repeats) and the ratio ``map_with_context / executor.map``.
+(min and median over the repeats) and the ratio ``map_with_context / executor.map``: of the
+medians, of the mins, and ``ratio_paired_median``, the median over repeats of the ratio within
+one repeat (the two runs of a repeat follow each other, in alternating order, so they share
+the machine's load; the target, within 10%, is checked on it).
 
 ``alt_map_chunksize`` is the alternative design for chunking: ``executor.map`` with
 ``AttachContextAsReturnValue`` and the executor's own ``chunksize`` (states applied afterwards).
 
 Usage::
 
-    python benchmarks/bench_map_with_context.py [--n 2000] [--repeats 5] [--kinds thread,process,loky]
+    python benchmarks/bench_map_with_context.py [--n 2000] [--repeats 15] [--kinds thread,process,loky]
 """
 
 from __future__ import annotations
@@ -67,16 +70,17 @@ def _compare(runs, executor, n, chunksize, repeats):
         order = runs if repeat % 2 == 0 else runs[::-1]
         for run in order:
             times[run.__name__].append(_run_once(run, executor, n, chunksize))
-    return {
-        name: {"min": min(values), "median": statistics.median(values)}
-        for name, values in times.items()
-    }
+    return times
+
+
+def _summary(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="evaluations per map")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--kinds", default="thread,process,loky")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -90,7 +94,8 @@ def main() -> None:
             if kind != "thread" and chunksize > 1:
                 runs.append(_alt_map_chunksize)
             timing = _compare(runs, executor, args.n, chunksize, args.repeats)
-            bare, wrapped = timing["_bare"], timing["_with_context"]
+            bare, wrapped = _summary(timing["_bare"]), _summary(timing["_with_context"])
+            paired = [w / b for b, w in zip(timing["_bare"], timing["_with_context"])]
             entry = {
                 "kind": kind,
                 "chunksize": chunksize,
@@ -98,9 +103,10 @@ def main() -> None:
                 "map_with_context_s_per_eval": wrapped,
                 "ratio_median": wrapped["median"] / bare["median"],
                 "ratio_min": wrapped["min"] / bare["min"],
+                "ratio_paired_median": statistics.median(paired),
             }
             if "_alt_map_chunksize" in timing:
-                entry["alt_map_chunksize_s_per_eval"] = timing["_alt_map_chunksize"]
+                entry["alt_map_chunksize_s_per_eval"] = _summary(timing["_alt_map_chunksize"])
             report["runs"].append(entry)
         if kind != "loky":  # the reusable loky executor is left for loky to clean up
             executor.shutdown(wait=True)
