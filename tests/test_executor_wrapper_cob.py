@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import os
@@ -348,6 +349,48 @@ def test_inline_auto_raises_the_first_failing_term_like_serial():
 
 
 @pytest.mark.timeout(10)
+def test_inline_chooser_measures_inline_again_while_the_executor_wins_narrowly():
+    chooser = _InlineChooser()
+    assert not chooser.use_executor(1)
+    chooser.record_inline(9.6)  # a first inline call slowed down by the machine
+    for _ in range(4):  # the executor "wins" against it, but by less than 1.5x
+        assert chooser.use_executor(1)
+        assert not chooser.record(1, 8.0)
+    assert not chooser.use_executor(1)  # so the next call measures inline again
+    chooser.record_inline(5.4)
+    assert chooser.serial_seconds() == 5.4  # of two, the lower
+    assert chooser.use_executor(1)
+    assert not chooser.record(1, 8.0)
+    assert chooser.record(1, 8.0)  # now the executor loses, twice in a row: inline
+    assert chooser.inline
+
+
+def test_inline_chooser_does_not_probe_while_the_executor_wins_clearly():
+    chooser = _InlineChooser()
+    assert not chooser.use_executor(1)
+    chooser.record_inline(10.0)
+    for _ in range(100):
+        assert chooser.use_executor(1)
+        assert not chooser.record(1, 5.0)
+    assert chooser.serial_seconds() == 10.0  # no inline call was made
+
+
+def test_inline_chooser_probes_ever_less_often():
+    chooser = _InlineChooser()
+    assert not chooser.use_executor(1)
+    chooser.record_inline(10.0)
+    probes = []
+    for call in range(200):
+        if chooser.use_executor(1):
+            chooser.record(1, 9.0)  # narrow wins only
+        else:
+            probes.append(call)
+            chooser.record_inline(10.0)
+    assert probes[:4] == [4, 13, 30, 63]  # after 4, 8, 16, 32 narrow wins, then every 64
+    gaps = [later - earlier for earlier, later in itertools.pairwise(probes[4:])]
+    assert gaps and set(gaps) == {65}
+
+
 def test_inline_chooser_backs_off_and_resets():
     chooser = _InlineChooser()
     assert not chooser.use_executor(1)  # first time an inline call

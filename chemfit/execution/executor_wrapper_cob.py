@@ -18,7 +18,8 @@ packs terms under about 5 ms into at most one task per worker. On a pool of this
 (threads, a process pool, loky) it also times the grouped calls against a call evaluated in
 the calling thread: when sending the terms costs more than it gains (two calls in a row
 slower, or one 1.5 times slower), it evaluates them in the calling thread and tries the
-executor again after 4, 8, ... 64 calls.
+executor again after 4, 8, ... 64 calls. While the executor wins narrowly, the inline time is
+measured again now and then.
 
 For executors in other processes the combined objective is pickled once per call and cached in
 each worker process by a content hash, so a worker unpickles it only when it changed.
@@ -363,7 +364,11 @@ class _InlineChooser:
     ``_SLOW_CALLS_BEFORE_INLINE`` slower executor calls in a row, or one slower by
     ``_CLEAR_LOSS_RATIO`` or more, the terms run inline; every so many inline calls one call
     goes to the executor again (a retry), and the wait doubles each time the retry loses too.
-    A different executor starts afresh. Thread-safe.
+
+    The inline time is measured again while the executor wins narrowly (by less than
+    ``_CLEAR_LOSS_RATIO``): after 4 such wins one call runs inline (a probe), then after 8,
+    ... up to 64. A first inline call slowed down by the machine would otherwise keep a losing
+    executor for good. A different executor starts afresh. Thread-safe.
     """
 
     def __init__(self) -> None:
@@ -374,6 +379,12 @@ class _InlineChooser:
 
     def _reset(self, key: int | None) -> None:
         self._key = key
+        self._back_on_executor()
+        self._narrow_wins = 0
+        self._probe_after = _FIRST_RETRY_AFTER
+        self._probe_due = False
+
+    def _back_on_executor(self) -> None:
         self.inline = False
         self._slow_calls = 0
         self._retry_after = _FIRST_RETRY_AFTER
@@ -386,6 +397,9 @@ class _InlineChooser:
                 self._reset(key)
             if not self._inline_seconds:
                 return False  # first measure what an inline call costs
+            if self._probe_due:
+                self._probe_due = False
+                return False  # measure it again
             if not self.inline or self._calls_to_retry <= 0:
                 return True
             self._calls_to_retry -= 1
@@ -397,10 +411,11 @@ class _InlineChooser:
             self._inline_seconds.append(seconds)
 
     def serial_seconds(self) -> float | None:
-        """The median time of the recent inline calls, ``None`` before the first."""
+        """The median time of the recent inline calls (of two, the lower: noise only slows a
+        call down), ``None`` before the first."""
         with self._lock:
             times = sorted(self._inline_seconds)
-            return times[len(times) // 2] if times else None
+            return times[(len(times) - 1) // 2] if times else None
 
     def record(self, key: int, parallel_seconds: float) -> bool:
         """Record a grouped call on the executor; ``True`` when this switches to inline."""
@@ -409,7 +424,13 @@ class _InlineChooser:
             if key != self._key or serial_seconds is None:
                 return False
             if parallel_seconds <= serial_seconds:
-                self._reset(key)
+                self._back_on_executor()
+                if _CLEAR_LOSS_RATIO * parallel_seconds > serial_seconds:
+                    self._narrow_wins += 1
+                    if self._narrow_wins >= self._probe_after:
+                        self._narrow_wins = 0
+                        self._probe_due = True
+                        self._probe_after = min(2 * self._probe_after, _MAX_RETRY_AFTER)
                 return False
             if self.inline:  # a retry that did not pay off: wait longer for the next one
                 self._retry_after = min(2 * self._retry_after, _MAX_RETRY_AFTER)
@@ -479,7 +500,9 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         pay. It times one call in the calling thread first; then, when the plan is a single
         task, or when two grouped calls in a row took longer than that (or one took 1.5 times
         as long), it evaluates the terms there. It tries the executor again after 4 inline
-        calls, then 8, ... up to 64 while that stays true.
+        calls, then 8, ... up to 64 while that stays true. While the executor wins by less
+        than 1.5 times, it times a call in the calling thread again now and then (after 4,
+        8, ... 64 such wins).
 
     Attributes
     ----------
