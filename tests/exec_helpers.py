@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from chemfit.core.context import EvaluateContext
 from chemfit.execution.worker_marks import current_task_executor
 
 
@@ -99,3 +100,32 @@ class ForeignExecutor:
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
         return self._pool.map(fn, *iterables, timeout=timeout)
+
+
+class TaggedContext(EvaluateContext):
+    """A context subclass whose pickle carries one more field, ``tag``."""
+
+    def __init__(self, *args, tag=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tag = tag
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "tag": self.tag}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.tag = state.get("tag")
+
+
+def report_arrival(x, ctx):
+    """Write into ``meta`` what arrived in the worker with the context."""
+    ctx.meta["arrived"] = {
+        "type": type(ctx).__name__,
+        "config": dict(vars(ctx.config)),
+        "shared_id": id(ctx.shared),
+        "tag": getattr(ctx, "tag", "absent"),
+        "parameters": ctx.parameters,
+        "loss": ctx.loss,
+        "children": len(ctx.children),
+    }
+    return x

@@ -161,6 +161,34 @@ def test_empty_input_gives_empty_list(thread_pool):
 
 
 @pytest.mark.timeout(60)
+def test_chunked_contexts_arrive_whole_in_worker_processes(remote_executor):
+    """Chunks pickle plain contexts compactly (PackedCalls): everything __getstate__ carries
+    still arrives, a namespace shared by contexts stays one object, subclasses keep theirs."""
+    shared = SimpleNamespace(tag="caller")
+    ctxs = [EvaluateContext(config=SimpleNamespace(i=i), shared=shared) for i in range(5)]
+    ctxs.insert(2, h.TaggedContext(config=SimpleNamespace(i="tagged"), shared=shared, tag=7))
+    for i, ctx in enumerate(ctxs):
+        ctx.parameters = {"x": i}
+        ctx.loss = 99.0  # never travels to the worker
+        ctx.meta["sent"] = i
+    results = map_with_context(remote_executor, h.report_arrival, range(6), ctxs=ctxs, chunksize=3)
+
+    assert results == list(range(6))
+    arrived = [ctx.meta["arrived"] for ctx in ctxs]
+    assert [a["type"] for a in arrived] == ["EvaluateContext"] * 2 + ["TaggedContext"] + [
+        "EvaluateContext"
+    ] * 3
+    assert [a["config"]["i"] for a in arrived] == [0, 1, "tagged", 2, 3, 4]
+    assert [a["tag"] for a in arrived] == ["absent", "absent", 7, "absent", "absent", "absent"]
+    assert [a["parameters"] for a in arrived] == [{"x": i} for i in range(6)]
+    assert all(a["loss"] is None and a["children"] == 0 for a in arrived)
+    assert [ctx.meta["sent"] for ctx in ctxs] == list(range(6))  # meta went out and back
+    # one task per chunk of 3: within it, the shared namespace is one object
+    assert len({a["shared_id"] for a in arrived[:3]}) == 1
+    assert len({a["shared_id"] for a in arrived[3:]}) == 1
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("chunksize", [1, 2])
 def test_generators_are_read_once(process_pool, chunksize):
     ctx_list = _contexts(5)

@@ -34,6 +34,7 @@ from chemfit.execution.context_tasks import (
     ContextBatch,
     ContextTask,
     InProcessTask,
+    PackedCalls,
 )
 from chemfit.execution.task_errors import (
     attach_worker_traceback,
@@ -172,9 +173,8 @@ def map_with_context(
     chunked = chunksize > 1 and n_calls > 1
     if chunked:
         task: Callable[..., Any] = ContextBatch(fn, executor, in_process)
-        futures = submit_all(
-            executor, task, [(calls[i : i + chunksize],) for i in range(0, n_calls, chunksize)]
-        )
+        chunks = [PackedCalls(calls[i : i + chunksize]) for i in range(0, n_calls, chunksize)]
+        futures = submit_all(executor, task, [(chunk,) for chunk in chunks])
     else:
         task = InProcessTask(fn, executor) if in_process else ContextTask(fn, executor)
         futures = submit_all(executor, task, calls)
