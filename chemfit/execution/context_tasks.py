@@ -223,9 +223,10 @@ def _unpack_calls(packed: list[tuple[tuple, tuple | None]]) -> list[tuple]:
             calls.append(args)
             continue
         parameters, config, shared, meta = fields
-        ctx = EvaluateContext(config=config, shared=shared)  # as __setstate__ rebuilds it
-        ctx.parameters = parameters
-        ctx.meta = meta
+        ctx = EvaluateContext.__new__(EvaluateContext)
+        ctx.__setstate__(
+            {"parameters": parameters, "config": config, "shared": shared, "meta": meta}
+        )
         calls.append((*args, ctx))
     return calls
 
