@@ -22,6 +22,7 @@ __all__ = [
     "ContextTask",
     "InProcessTask",
     "PackedCalls",
+    "rebuild_context",
 ]
 
 
@@ -216,19 +217,24 @@ def _pack_call(call: tuple) -> tuple[tuple, tuple | None]:
     return call[:-1], (ctx.parameters, ctx.config, ctx.shared, ctx.meta)
 
 
+def rebuild_context(parameters: Any, config: Any, shared: Any, meta: Any) -> EvaluateContext:
+    """A plain context from the four fields its pickle carries, as unpickling rebuilds it.
+
+    Examples
+    --------
+    >>> ctx = rebuild_context({"x": 1.0}, None, None, {"a": 1})
+    >>> ctx.parameters, ctx.config, ctx.meta, ctx.loss, ctx.executor
+    ({'x': 1.0}, None, {'a': 1}, None, None)
+    """
+    ctx = EvaluateContext.__new__(EvaluateContext)
+    ctx.__setstate__({"parameters": parameters, "config": config, "shared": shared, "meta": meta})
+    return ctx
+
+
 def _unpack_calls(packed: list[tuple[tuple, tuple | None]]) -> list[tuple]:
-    calls = []
-    for args, fields in packed:
-        if fields is None:
-            calls.append(args)
-            continue
-        parameters, config, shared, meta = fields
-        ctx = EvaluateContext.__new__(EvaluateContext)
-        ctx.__setstate__(
-            {"parameters": parameters, "config": config, "shared": shared, "meta": meta}
-        )
-        calls.append((*args, ctx))
-    return calls
+    return [
+        args if fields is None else (*args, rebuild_context(*fields)) for args, fields in packed
+    ]
 
 
 class PackedCalls(list):

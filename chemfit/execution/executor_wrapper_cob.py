@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from chemfit.core.context import EvaluateContext, ExecutorLike
 from chemfit.core.exceptions import NotPicklableError
 from chemfit.core.objectives import ObjectiveFunctor, ensure_context
+from chemfit.execution.context_tasks import rebuild_context
 from chemfit.execution.executors import SerialExecutor, as_executor
 from chemfit.execution.task_errors import (
     PICKLE_ADVICE,
@@ -219,13 +220,10 @@ class _PackedChildren:
         return cls(shared, [(c.parameters, c.config, c.meta) for c in children])
 
     def unpack(self) -> list[EvaluateContext]:
-        children = []
-        for parameters, config, meta in self.items:
-            child = EvaluateContext(config=config, shared=self.shared)
-            child.parameters = parameters
-            child.meta = meta
-            children.append(child)
-        return children
+        shared = self.shared
+        return [
+            rebuild_context(params, config, shared, meta) for params, config, meta in self.items
+        ]
 
 
 # -- the task -------------------------------------------------------------------------------------
