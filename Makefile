@@ -1,5 +1,6 @@
 # Two commands set up everything on a fresh machine:
-#   make test   - create .venv, install chemfit with its test extras, run the whole suite
+#   make test   - create .venv, install chemfit with its test extras (and Debian's chromium for
+#                 the browser test), run the whole suite
 #   make demo   - same set-up, then fit a Lennard-Jones dimer in the terminal
 #   make lab    - same set-up, then JupyterLab on notebooks/ (http://127.0.0.1:8888, token printed)
 #   make docs   - build the documentation into docs/_build/html (warnings are errors)
@@ -14,18 +15,23 @@ LAB_PORT ?= 8888
 LAB_OPTS ?=
 LAB_TOKEN ?=
 
-.PHONY: setup test demo lab docs lint format bench clean
+.PHONY: setup browser test demo lab docs lint format bench clean
 
 setup: $(STAMP)
 
+# Bytecode is compiled at install time; otherwise the first loky workers, MPI ranks and engines
+# to start compile numpy, scipy and ase, several at once, on their first imports.
 $(STAMP): pyproject.toml
-	.ci/install-system-packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(BIN)/uv pip install -q -e '.[dev]'
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(BIN)/uv pip install -q --compile-bytecode -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Only the test suite needs a system package: Debian's chromium, for the browser test.
+browser:
+	.ci/install-system-packages
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
