@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 from chemfit.core.combined import CombinedObjectiveFunction
@@ -49,3 +50,27 @@ class Term(ObjectiveFunctor):
 def build_cob() -> CombinedObjectiveFunction:
     """Three terms with minima at 0.5, 1.0 and 1.5 (the sum is smallest at x = 1)."""
     return CombinedObjectiveFunction([Term(t) for t in (0.5, 1.0, 1.5)])
+
+
+class HoldsALock:
+    """``(x - 1)**2`` in an object that holds a lock, so no process pool can be sent it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, parameters: dict) -> float:
+        return (parameters["x"] - 1.0) ** 2
+
+
+class Switchable:
+    """:func:`slow_quadratic` (2 ms) that a test can make unpicklable (``hold_lock``)."""
+
+    def __init__(self) -> None:
+        self.lock: threading.Lock | None = None
+
+    def hold_lock(self, hold: bool = True) -> None:
+        self.lock = threading.Lock() if hold else None
+
+    def __call__(self, parameters: dict) -> float:
+        time.sleep(0.002)
+        return quadratic(parameters)

@@ -4,8 +4,15 @@
 plus MPI engines (ipyparallel engines started by ``mpiexec``, one MPI world) and a connection to
 a running ``ipcluster`` (by profile or cluster id). Clusters start and stop in a background
 thread, so the kernel stays free; the status line shows the engines that are up, the MPI world
-size and, in plain words, why something failed. ``picker.executor`` is the executor to pass to
-``Fitter.fit_nevergrad(executor=...)``; closing the widget stops what it started.
+size and, in plain words, why something failed. A pool whose workers died or a cluster whose
+engines died shows as broken, and the next start builds a new one. ``picker.executor`` is the
+executor to pass to ``Fitter.fit_nevergrad(executor=...)``; closing the widget stops what it
+started.
+
+The settings (``kind``, ``workers``, ``engines``, ``profile``, ``cluster_id``, ``profile_dir``,
+``timeout``) are traitlets linked to the controls. A running pool stays editable: changing its
+settings stops it, and the next start builds the new one. While a cluster runs, or a fit runs on
+the executor (``locked``), the controls are disabled and say how to unlock them.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from .messages import describe_error, status_html
 widgets = require_ipywidgets()
 import traitlets  # noqa: E402  (ipywidgets depends on it)
 
-__all__ = ["KINDS", "ExecutorPicker", "mpi_problem"]
+__all__ = ["KINDS", "ExecutorPicker", "executor_problem", "mpi_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +49,9 @@ KINDS: dict[str, str] = {
 }
 _POOL_KINDS = ("serial", "thread", "process", "loky")
 _CLUSTER_KINDS = ("ipyparallel", "mpi", "connect")
+_WATCHED_KINDS = ("process", "loky", *_CLUSTER_KINDS)  # executors that can break while idle
 _BUSY = ("starting", "stopping")
+_SETTINGS = ("kind", "workers", "engines", "profile", "cluster_id", "profile_dir", "timeout")
 
 
 def mpi_problem() -> str | None:
@@ -74,6 +83,68 @@ def mpi_problem() -> str | None:
     return None
 
 
+def _first_sentence(reason: Any) -> str:
+    text = " ".join(str(reason).split())
+    return text.partition(". ")[0].rstrip(".") or type(reason).__name__
+
+
+def executor_problem(executor: Any) -> str | None:
+    """Why ``executor`` can no longer run tasks, or ``None`` when it looks usable.
+
+    Reads the state the executors keep (nothing is submitted): a loky or stdlib process pool
+    whose worker died is broken, a pool that was shut down is closed, and an ipyparallel
+    executor is broken when no engine is left, or when an engine of its MPI world died.
+
+    Examples
+    --------
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> pool = ThreadPoolExecutor(1)
+    >>> executor_problem(pool) is None
+    True
+    >>> pool.shutdown()
+    >>> executor_problem(pool)
+    'it was shut down'
+    >>> class Flags:  # what loky records when a worker dies
+    ...     broken, shutdown = RuntimeError("A worker was terminated. Details follow"), True
+    >>> executor_problem(type("Pool", (), {"_flags": Flags()})())
+    'A worker was terminated'
+    >>> executor_problem(None) is None  # "serial": evaluations run in the fit's thread
+    True
+    """
+    if executor is None:
+        return None
+    flags = getattr(executor, "_flags", None)  # loky keeps its state here
+    broken = getattr(flags, "broken", None) if flags is not None else None
+    broken = broken or getattr(executor, "_broken", None)  # stdlib pools
+    if broken:
+        return _first_sentence(broken)
+    if (
+        getattr(flags, "shutdown", False) is True
+        or getattr(executor, "_shutdown_thread", False) is True
+        or getattr(executor, "_shutdown", False) is True
+    ):
+        return "it was shut down"
+    if hasattr(executor, "n_engines") and hasattr(executor, "engines"):
+        return _cluster_problem(executor)
+    return None
+
+
+def _cluster_problem(executor: Any) -> str | None:
+    try:
+        n_up = executor.n_engines
+    except Exception:  # the client went away under us
+        n_up = 0
+    n_started = len(executor.engines)
+    if n_up == 0:
+        return "every engine has stopped or died"
+    if n_up < n_started and executor.mpi_size:
+        return (
+            f"{n_started - n_up} of {n_started} MPI engines stopped or died, so their MPI world "
+            "is broken"
+        )
+    return None
+
+
 class ExecutorPicker(widgets.VBox):
     """Choose, start and stop the executor a fit runs on.
 
@@ -94,11 +165,18 @@ class ExecutorPicker(widgets.VBox):
 
     Attributes
     ----------
+    kind, workers, engines, profile, cluster_id, profile_dir, timeout
+        The settings, as traitlets linked to the controls. Changing one while a pool runs
+        stops the pool (the next start builds the new one); while a cluster runs or a fit
+        uses the executor, changing them raises ``RuntimeError`` (stop them first).
     state : str
         ``"idle"``, ``"starting"``, ``"running"``, ``"stopping"``, ``"stopped"`` or ``"error"``
-        (a traitlet: ``picker.observe(handler, names="state")``).
+        (a traitlet: ``picker.observe(handler, names="state")``). A broken executor is
+        ``"error"`` until the next start rebuilds it.
     message : str
         The status line in plain words (also a traitlet).
+    locked : bool
+        Set while a fit runs on the executor (by the dashboard): the controls are disabled.
     error : BaseException or None
         The last error, for code; the page shows only ``message``.
 
@@ -110,14 +188,25 @@ class ExecutorPicker(widgets.VBox):
     >>> ex = picker.executor          # pools start on first use
     >>> picker.state, list(ex.map(abs, [-1, -2]))
     ('running', [1, 2])
+    >>> picker.workers = 3            # a running pool stays editable: it is stopped ...
+    >>> picker.state
+    'idle'
+    >>> picker.executor._max_workers  # ... and built again on first use
+    3
     >>> picker.close()                # stops the pool it started
     >>> picker.state
     'stopped'
     """
 
+    kind = traitlets.Unicode("thread")
+    workers = traitlets.Int(2)
+    engines = traitlets.Int(2)
+    profile = traitlets.Unicode("")
+    cluster_id = traitlets.Unicode("")
+    profile_dir = traitlets.Unicode("")
+    timeout = traitlets.Float(60.0)
     state = traitlets.Unicode("idle")
     message = traitlets.Unicode("")
-    #: While True (e.g. a dashboard fit runs on the executor) the controls and buttons are off.
     locked = traitlets.Bool(False)
     _initialised = False
 
@@ -133,8 +222,32 @@ class ExecutorPicker(widgets.VBox):
         timeout: float = 60.0,
         **box_kwargs: Any,
     ) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+        self._lock = threading.RLock()
+        self._executor: Any = None
+        self._executor_kind: str | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._monitor_stop = threading.Event()
+        self._broken = ""  # why the executor is broken (see check)
+        self._rebuilt = ""  # why the last start replaced a broken executor
+        self.error: BaseException | None = None
+        super().__init__(children=self._make_controls(), **box_kwargs)
+        self.add_class("chemfit-executor-picker")
+        settings = dict(kind=kind, workers=workers, engines=engines, profile=profile)
+        settings.update(cluster_id=cluster_id, profile_dir=profile_dir, timeout=timeout)
+        for name, value in settings.items():
+            setattr(self, name, value)
+        self._link_controls()
+        self.observe(self._on_setting_change, names=list(_SETTINGS))
+        self.observe(self._on_state_change, names=["state", "message", "locked"])
+        self._show_fields()
+        self._set_state("idle", self._idle_message())
+        self._initialised = True
+
+    # -- controls -----------------------------------------------------------------------------
+
+    def _make_controls(self) -> list:
+        """Create the controls; returns the rows of the widget."""
         w = widgets
         style = {"description_width": "90px"}
 
@@ -143,101 +256,106 @@ class ExecutorPicker(widgets.VBox):
 
         self.kind_dropdown = w.Dropdown(
             options=[(label, key) for key, label in KINDS.items()],
-            value=kind,
             description="Run on",
             style=style,
             layout=w.Layout(width="300px"),
         )
         self.workers_input = w.BoundedIntText(
-            value=workers, min=1, max=1024, description="Workers", style=style, layout=item()
+            min=1, max=1024, description="Workers", style=style, layout=item()
         )
         self.engines_input = w.BoundedIntText(
-            value=engines, min=1, max=1024, description="Engines", style=style, layout=item()
+            min=1, max=1024, description="Engines", style=style, layout=item()
         )
         self.profile_input = w.Text(
-            value=profile, description="Profile", placeholder="default", style=style, layout=item()
+            description="Profile", placeholder="default", style=style, layout=item()
         )
-        self.cluster_id_input = w.Text(
-            value=cluster_id, description="Cluster id", style=style, layout=item()
-        )
+        self.cluster_id_input = w.Text(description="Cluster id", style=style, layout=item())
         self.profile_dir_input = w.Text(
-            value=profile_dir,
-            description="Profile dir",
-            placeholder="(optional)",
-            style=style,
-            layout=item(),
+            description="Profile dir", placeholder="(optional)", style=style, layout=item()
         )
         self.timeout_input = w.BoundedFloatText(
-            value=timeout, min=0.1, max=3600, description="Timeout (s)", style=style, layout=item()
+            min=0.1, max=3600, description="Timeout (s)", style=style, layout=item()
         )
         self.start_button = w.Button(
-            description="Launch",
-            icon="play",
-            button_style="success",
+            description="Launch", icon="play", button_style="success",
             layout=w.Layout(width="100px"),
-        )
+        )  # fmt: skip
         self.stop_button = w.Button(
-            description="Shut down",
-            icon="stop",
-            button_style="warning",
+            description="Shut down", icon="stop", button_style="warning",
             layout=w.Layout(width="110px"),
-        )
+        )  # fmt: skip
         self.status = w.HTML(layout=w.Layout(min_width="200px"))
-        self.start_button.add_class("chemfit-picker-start")
-        self.stop_button.add_class("chemfit-picker-stop")
-        self.status.add_class("chemfit-picker-status")
-
-        def wrap() -> Any:
-            return w.Layout(flex_flow="row wrap", align_items="center")
-
-        super().__init__(
-            children=[
-                w.HBox([self.kind_dropdown, self.workers_input, self.engines_input], layout=wrap()),
-                w.HBox(
-                    [self.profile_input, self.cluster_id_input, self.profile_dir_input],
-                    layout=wrap(),
-                ),
-                w.HBox(
-                    [self.timeout_input, self.start_button, self.stop_button, self.status],
-                    layout=wrap(),
-                ),
-            ],
-            **box_kwargs,
-        )
-        self.add_class("chemfit-executor-picker")
-        self._lock = threading.RLock()
-        self._executor: Any = None
-        self._executor_kind: str | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._monitor_stop = threading.Event()
-        self.error: BaseException | None = None
-
-        self.kind_dropdown.observe(self._on_kind_change, names="value")
+        #: Why the controls are disabled and how to unlock them (empty while they are editable).
+        self.hint = w.HTML()
+        for widget, name in (
+            (self.kind_dropdown, "chemfit-picker-kind"),
+            (self.workers_input, "chemfit-picker-workers"),
+            (self.start_button, "chemfit-picker-start"),
+            (self.stop_button, "chemfit-picker-stop"),
+            (self.status, "chemfit-picker-status"),
+            (self.hint, "chemfit-picker-hint"),
+        ):
+            widget.add_class(name)
         self.start_button.on_click(lambda _button: self.start(block=False))
         self.stop_button.on_click(lambda _button: self.stop(block=False))
-        self.observe(self._on_state_change, names=["state", "message", "locked"])
-        self._on_kind_change()
-        self._set_state("idle", self._idle_message())
-        self._initialised = True
+
+        def row(children: list) -> Any:
+            return w.HBox(children, layout=w.Layout(flex_flow="row wrap", align_items="center"))
+
+        return [
+            row([self.kind_dropdown, self.workers_input, self.engines_input, self.hint]),
+            row([self.profile_input, self.cluster_id_input, self.profile_dir_input]),
+            row([self.timeout_input, self.start_button, self.stop_button, self.status]),
+        ]
+
+    def _controls(self) -> dict[str, Any]:
+        """Setting name -> its control."""
+        return {
+            "kind": self.kind_dropdown,
+            "workers": self.workers_input,
+            "engines": self.engines_input,
+            "profile": self.profile_input,
+            "cluster_id": self.cluster_id_input,
+            "profile_dir": self.profile_dir_input,
+            "timeout": self.timeout_input,
+        }
+
+    def _link_controls(self) -> None:
+        for name, control in self._controls().items():
+            widgets.link((self, name), (control, "value"))
 
     # -- settings -----------------------------------------------------------------------------
 
-    @property
-    def kind(self) -> str:
-        """The chosen kind (a key of :data:`KINDS`)."""
-        return self.kind_dropdown.value
-
-    @kind.setter
-    def kind(self, value: str) -> None:
-        if value not in KINDS:
+    @traitlets.validate(*_SETTINGS)
+    def _validate_setting(self, proposal: Any) -> Any:
+        name, value = proposal["trait"].name, proposal["value"]
+        if name == "kind" and value not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {value!r}")
-        if value != self.kind and (self.state in ("running", *_BUSY) or self.locked):
-            raise RuntimeError(
-                f"cannot change the kind while the {KINDS[self.kind].lower()} are "
-                f"{self.state}; stop them first (picker.stop())"
-            )
-        self.kind_dropdown.value = value
+        if name in ("workers", "engines") and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        if name == "timeout" and not value > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {value}")
+        reason = self._lock_reason() if self._initialised else None
+        if reason is not None and value != getattr(self, name):
+            raise RuntimeError(f"cannot change {name} now: {reason}")
+        return value
+
+    def _on_setting_change(self, change: Any) -> None:
+        name = change["name"]
+        if name == "kind":
+            self._show_fields()
+        if self._affects_executor(name):
+            # A running pool no longer matches its settings: stop it; the next start builds it.
+            self.stop(block=True)
+        if self.state in ("idle", "stopped") or (self.state == "error" and not self._executor):
+            self._set_state("idle", self._idle_message())
+
+    def _affects_executor(self, name: str) -> bool:
+        """Whether changing setting ``name`` makes the running pool out of date."""
+        kind = self._executor_kind
+        if kind not in _POOL_KINDS or self.state not in ("running", "error"):
+            return False
+        return name == "kind" or (name == "workers" and kind != "serial")
 
     @property
     def num_workers(self) -> int:
@@ -249,16 +367,16 @@ class ExecutorPicker(widgets.VBox):
         if kind == "serial":
             return 1
         if kind in _POOL_KINDS:
-            return int(self.workers_input.value)
+            return int(self.workers)
         n_up = getattr(self._executor, "n_engines", 0) if self._executor is not None else 0
-        return int(n_up or self.engines_input.value)
+        return int(n_up or self.engines)
 
     @property
     def is_cluster(self) -> bool:
         """Whether the chosen kind runs on ipyparallel engines."""
         return self.kind in _CLUSTER_KINDS
 
-    def _on_kind_change(self, _change: Any = None) -> None:
+    def _show_fields(self) -> None:
         kind = self.kind
         show = {
             self.workers_input: kind in ("thread", "process", "loky"),
@@ -272,8 +390,6 @@ class ExecutorPicker(widgets.VBox):
             widget.layout.display = None if visible else "none"
         self.children[1].layout.display = None if kind == "connect" else "none"
         self.engines_input.description = "Min engines" if kind == "connect" else "Engines"
-        if self.state in ("idle", "stopped"):
-            self._set_state(self.state, self._idle_message())
 
     def _idle_message(self) -> str:
         kind = self.kind
@@ -281,7 +397,7 @@ class ExecutorPicker(widgets.VBox):
             return f"{KINDS[kind]}: created when a fit starts (or click Launch)"
         if kind == "connect":
             return "Not connected: fill in the profile or cluster id, then click Launch"
-        return f"Not running: click Launch to start {self.engines_input.value} engines"
+        return f"Not running: click Launch (or Start fit) to start {self.engines} engines"
 
     # -- state --------------------------------------------------------------------------------
 
@@ -289,6 +405,20 @@ class ExecutorPicker(widgets.VBox):
         with self._lock:
             self.message = message
             self.state = state
+
+    def _lock_reason(self) -> str | None:
+        """Why the settings cannot change now, with how to unlock them; ``None``: they can."""
+        if self.locked:
+            return "A fit is running on this executor: click the dashboard's Stop to change it"
+        if self.state == "starting":
+            return "Starting: wait until it is up, then click Shut down to change it"
+        if self.state == "stopping":
+            return "Stopping: the settings unlock once it has stopped"
+        if self._executor is not None and self._executor_kind == "connect":
+            return "Connected to a cluster: click Shut down (it disconnects) to change it"
+        if self._executor is not None and self._executor_kind in _CLUSTER_KINDS:
+            return "The engines are running: click Shut down to change where to run"
+        return None
 
     def _on_state_change(self, _change: Any = None) -> None:
         level = {
@@ -298,21 +428,71 @@ class ExecutorPicker(widgets.VBox):
             "error": "error",
         }.get(self.state, "info")
         self.status.value = status_html(self.message, level)
+        reason = self._lock_reason()
+        for control in self._controls().values():
+            control.disabled = reason is not None
+            control.tooltip = reason
+        self.hint.value = (
+            f'<span style="font-size: 0.85em; opacity: 0.8">Locked. {reason}</span>'
+            if reason
+            else ""
+        )
+        self._update_buttons(reason)
+
+    def _update_buttons(self, reason: str | None) -> None:
         busy = self.state in _BUSY
         running = self.state == "running"
         stoppable = busy or running or (self.state == "error" and self._executor is not None)
-        self.start_button.disabled = busy or running or self.locked
+        launch_off = busy or running or self.locked
+        self.start_button.disabled = launch_off
+        self.start_button.tooltip = (
+            (reason or "Already running") if launch_off else "Start it now (Start fit also does)"
+        )
         self.stop_button.disabled = self.locked or not stoppable
-        for control in (
-            self.kind_dropdown,
-            self.workers_input,
-            self.engines_input,
-            self.profile_input,
-            self.cluster_id_input,
-            self.profile_dir_input,
-            self.timeout_input,
-        ):
-            control.disabled = busy or running or self.locked
+        if self.locked:
+            self.stop_button.tooltip = reason
+        else:
+            self.stop_button.tooltip = "Stop what this picker started" if stoppable else None
+
+    # -- health -------------------------------------------------------------------------------
+
+    def check(self) -> bool:
+        """Whether the executor is running and can still run tasks.
+
+        A broken one (a pool whose worker died, a cluster whose engines died) is reported in
+        the status line (state ``"error"``); the next :meth:`start` (or a dashboard's Start)
+        shuts it down and builds a new one.
+        """
+        with self._lock:
+            if self.state != "running" or self._executor is None:
+                return self.state == "running"
+            problem = executor_problem(self._executor)
+            if problem is None:
+                return True
+            self._broken = problem
+            self._set_state("error", self._broken_message(problem))
+            return False
+
+    def _broken_message(self, problem: str) -> str:
+        kind = self._executor_kind or self.kind
+        if kind == "connect":
+            again = "connects again"
+        elif kind in _CLUSTER_KINDS:
+            again = "starts new engines"
+        else:
+            again = "builds a new pool"
+        return f"Broken: {problem}. Start fit (or Launch) {again}"
+
+    def _monitor(self, executor: Any, stop: threading.Event, interval: float = 1.0) -> None:
+        """Keep the status line live: engines that die, a pool that breaks."""
+        while not stop.wait(interval):
+            with self._lock:
+                if self._executor is not executor or not self.check():
+                    return
+                if self._executor_kind in _CLUSTER_KINDS:
+                    text = self._running_message()
+                    if text != self.message:
+                        self.message = text
 
     # -- starting -----------------------------------------------------------------------------
 
@@ -320,8 +500,9 @@ class ExecutorPicker(widgets.VBox):
     def executor(self) -> Any:
         """The running executor, for ``fit_nevergrad(executor=...)``.
 
-        Pools (threads, processes, loky) are created on first use; ``"serial"`` gives ``None``
-        (the fitter then evaluates in its own thread). Clusters must be started first.
+        Pools (threads, processes, loky) are created on first use, and built again when the
+        previous one broke; ``"serial"`` gives ``None`` (the fitter then evaluates in its own
+        thread). Clusters must be started first.
 
         Raises
         ------
@@ -329,7 +510,7 @@ class ExecutorPicker(widgets.VBox):
             When a cluster is not running (click Launch, or call :meth:`start`).
         """
         with self._lock:
-            if self.state == "running":
+            if self.check():
                 return self._executor
             if self.kind in _POOL_KINDS and self.state not in _BUSY:
                 self.start(block=True)
@@ -349,6 +530,8 @@ class ExecutorPicker(widgets.VBox):
     def start(self, block: bool = True) -> None:
         """Create the chosen executor (pools at once; clusters in a background thread).
 
+        A broken executor (see :meth:`check`) is shut down first and replaced.
+
         Parameters
         ----------
         block : bool
@@ -356,27 +539,34 @@ class ExecutorPicker(widgets.VBox):
             :attr:`error`; they are not raised.
         """
         self._join_worker_thread("stopping")
-        if self._executor is not None and self.state == "error":  # e.g. every engine died
-            self.stop(block=True)
+        self.check()
         with self._lock:
             if self.state == "running":
                 return
             if self.state != "starting":
-                kind = self.kind
-                self.error = None
-                self._ready.clear()
-                self._monitor_stop.clear()
-                self._executor_kind = kind
-                self._set_state("starting", self._starting_message(kind))
-                if kind in _POOL_KINDS:
-                    self._create(kind)
-                    return
-                self._thread = threading.Thread(
-                    target=self._create, args=(kind,), name="chemfit-picker-start", daemon=True
-                )
-                self._thread.start()
+                self._begin_start()
         if block:
             self._join_worker_thread("starting")
+
+    def _begin_start(self) -> None:
+        """Start creating the executor (call with the lock held, not while starting)."""
+        kind = self.kind
+        old = (self._executor, self._executor_kind) if self._executor is not None else None
+        self._rebuilt = self._broken if old else ""
+        self._executor = None
+        self._monitor_stop.set()  # the old executor's monitor ends
+        self._monitor_stop = threading.Event()
+        self.error = None
+        self._ready.clear()
+        self._executor_kind = kind
+        self._set_state("starting", self._starting_message(kind))
+        if kind in _POOL_KINDS:
+            self._create(kind, old)
+            return
+        self._thread = threading.Thread(
+            target=self._create, args=(kind, old), name="chemfit-picker-start", daemon=True
+        )
+        self._thread.start()
 
     def _join_worker_thread(self, state: str) -> None:
         """Wait for the background start or stop while the picker is in ``state``."""
@@ -385,27 +575,28 @@ class ExecutorPicker(widgets.VBox):
             thread.join()
 
     def _starting_message(self, kind: str) -> str:
-        n = self.engines_input.value
+        n = self.engines
+        new = " new" if self._rebuilt else ""
         if kind == "ipyparallel":
-            return f"Starting {n} ipyparallel engines..."
+            return f"Starting {n}{new} ipyparallel engines..."
         if kind == "mpi":
-            return f"Starting {n} MPI engines (one MPI world)..."
+            return f"Starting {n}{new} MPI engines (one MPI world)..."
         if kind == "connect":
             return "Connecting to the running cluster..."
-        return f"Creating {KINDS[kind].lower()}..."
+        return f"Creating{new} {KINDS[kind].lower()}..."
 
     def _options(self, kind: str) -> tuple[int | None, dict]:
-        timeout = float(self.timeout_input.value)
+        timeout = float(self.timeout)
         if kind in ("thread", "process", "loky"):
-            return int(self.workers_input.value), {}
+            return int(self.workers), {}
         if kind == "ipyparallel":
-            return int(self.engines_input.value), {"timeout": timeout}
+            return int(self.engines), {"timeout": timeout}
         if kind == "mpi":
-            return int(self.engines_input.value), {"mpi": True, "timeout": timeout}
+            return int(self.engines), {"mpi": True, "timeout": timeout}
         connect = {
-            "profile": self.profile_input.value.strip() or None,
-            "cluster_id": self.cluster_id_input.value.strip() or None,
-            "profile_dir": self.profile_dir_input.value.strip() or None,
+            "profile": self.profile.strip() or None,
+            "cluster_id": self.cluster_id.strip() or None,
+            "profile_dir": self.profile_dir.strip() or None,
         }
         if connect["profile"] is None and connect["cluster_id"] is None:
             raise ValueError(
@@ -414,10 +605,12 @@ class ExecutorPicker(widgets.VBox):
             )
         options = {k: v for k, v in connect.items() if v is not None}
         options["timeout"] = timeout
-        return int(self.engines_input.value), options
+        return int(self.engines), options
 
-    def _create(self, kind: str) -> None:
+    def _create(self, kind: str, old: tuple[Any, str | None] | None) -> None:
         doing = "Connecting" if kind == "connect" else "Starting"
+        if old is not None:  # a broken executor: release its workers first
+            self._shutdown_quietly(*old)
         try:
             if kind == "mpi":
                 problem = mpi_problem()
@@ -441,9 +634,12 @@ class ExecutorPicker(widgets.VBox):
             self._executor = executor
             self._set_state("running", self._running_message())
         self._ready.set()
-        if kind in _CLUSTER_KINDS:
+        if kind in _WATCHED_KINDS:
             threading.Thread(
-                target=self._monitor, args=(executor,), name="chemfit-picker-status", daemon=True
+                target=self._monitor,
+                args=(executor, self._monitor_stop),
+                name="chemfit-picker-status",
+                daemon=True,
             ).start()
 
     def _error_message(self, kind: str, exc: BaseException, doing: str) -> str:
@@ -452,18 +648,22 @@ class ExecutorPicker(widgets.VBox):
             detail = str(exc).strip().rstrip(".")
             return (
                 f"{doing} {what} failed: the engines did not come up within "
-                f"{self.timeout_input.value:g} s ({detail}). Raise the timeout, or start fewer "
-                "engines"
+                f"{self.timeout:g} s ({detail}). Raise the timeout, or start fewer engines"
             )
         return describe_error(exc, f"{doing} {what}")
 
     def _running_message(self) -> str:
         kind, executor = self._executor_kind, self._executor
         if kind == "serial":
-            return "Ready: evaluations run one at a time in the fit's thread"
-        if kind in ("thread", "process", "loky"):
-            return f"Ready: {self.workers_input.value} {KINDS[kind].lower()} workers"
-        return self._cluster_status(executor)
+            text = "Ready: evaluations run one at a time in the fit's thread"
+        elif kind in ("thread", "process", "loky"):
+            text = f"Ready: {self.workers} {KINDS[kind].lower()} workers"
+        else:
+            text = self._cluster_status(executor)
+        if self._rebuilt:
+            what = "new engines" if kind in _CLUSTER_KINDS else "a new pool"
+            text += f" ({what}: the previous one broke)"
+        return text
 
     def _cluster_status(self, executor: Any) -> str:
         n_up, n_started = executor.n_engines, len(executor.engines)
@@ -479,49 +679,20 @@ class ExecutorPicker(widgets.VBox):
             text += f" (cluster id {executor.cluster_id})"
         return text
 
-    def _monitor(self, executor: Any, interval: float = 1.0) -> None:
-        """Keep the status line live while a cluster runs (engines that die show up)."""
-        while not self._monitor_stop.wait(interval):
-            with self._lock:
-                if self._executor is not executor or self.state != "running":
-                    return
-                try:
-                    n_up = executor.n_engines
-                except Exception:  # the client went away under us
-                    n_up = 0
-                n_started = len(executor.engines)
-                if n_up == 0:
-                    self._set_state(
-                        "error",
-                        "Every engine has stopped or died; click Shut down, then Launch to start "
-                        "new ones",
-                    )
-                    return
-                if n_up < n_started and executor.mpi_size:
-                    self._set_state(
-                        "error",
-                        f"{n_started - n_up} of {n_started} MPI engines stopped or died, so their "
-                        "MPI world is broken; click Shut down, then Launch to start new ones",
-                    )
-                    return
-                text = self._cluster_status(executor)
-                if text != self.message:
-                    self.message = text
-
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until a start finished (running or error); returns whether it is running."""
         self._ready.wait(timeout)
         return self.state == "running"
 
     def ensure_executor(self) -> Any:
-        """Start the chosen executor if needed, wait for it and return it (blocking).
+        """Start the chosen executor if needed (again, if it broke), wait and return it.
 
         Raises
         ------
         RuntimeError
             With the plain-words reason when it could not start.
         """
-        if self.state != "running":
+        if not self.check():
             if self.state == "starting":
                 self.wait_ready()
             else:
@@ -551,6 +722,7 @@ class ExecutorPicker(widgets.VBox):
             executor, kind = self._executor, self._executor_kind
             self._monitor_stop.set()
             self._executor = None
+            self._rebuilt = ""
             if executor is None:  # nothing started, or "serial"
                 if self.state == "running":
                     self._set_state("stopped", "Stopped")
@@ -568,12 +740,23 @@ class ExecutorPicker(widgets.VBox):
                 return
         self._shutdown(executor, kind)
 
+    @staticmethod
+    def _shutdown_executor(executor: Any) -> None:
+        if type(executor).__module__.startswith("loky"):
+            executor.shutdown(wait=True, kill_workers=True)
+        else:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _shutdown_quietly(self, executor: Any, kind: str | None) -> None:
+        """Shut down a broken executor before replacing it; failures are only logged."""
+        try:
+            self._shutdown_executor(executor)
+        except Exception:
+            logger.debug("shutting down the broken %s executor failed", kind, exc_info=True)
+
     def _shutdown(self, executor: Any, kind: str | None) -> None:
         try:
-            if type(executor).__module__.startswith("loky"):
-                executor.shutdown(wait=True, kill_workers=True)
-            else:
-                executor.shutdown(wait=True, cancel_futures=True)
+            self._shutdown_executor(executor)
         except Exception as exc:
             logger.debug("stopping the executor failed", exc_info=True)
             self.error = exc
