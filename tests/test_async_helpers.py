@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from types import SimpleNamespace
@@ -92,7 +93,14 @@ def test_async_eval_many_failure_on_processes_applies_successful_states(process_
 
 
 @pytest.mark.timeout(30)
-def test_async_eval_many_lambda_on_process_pool_is_not_picklable(process_pool):
+def test_async_eval_many_lambda_on_process_pool_runs_by_value(process_pool):
+    ctxs = [EvaluateContext()]
+    assert asyncio.run(async_eval_many(lambda p, c: p + 1, [1], ctxs, executor=process_pool)) == [2]
+
+
+@pytest.mark.timeout(30)
+def test_async_eval_many_lambda_without_cloudpickle_is_not_picklable(process_pool, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # `import cloudpickle` fails
     with pytest.raises(NotPicklableError, match="loky"):
         asyncio.run(
             async_eval_many(lambda p, c: p, [1], [EvaluateContext()], executor=process_pool)

@@ -3,10 +3,13 @@ R18, R19) on real thread pools, process pools and loky."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
+import sys
 import threading
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -300,12 +303,37 @@ def _cause_texts(exc):
 
 
 @pytest.mark.timeout(30)
-def test_lambda_on_a_process_pool_raises_not_picklable_at_once(process_pool):
+def test_lambdas_and_closures_run_on_a_process_pool(process_pool):
+    offset = 10
+
+    def closure(x, ctx):
+        ctx.meta["offset"] = offset
+        return x + offset
+
+    ctxs = _contexts(2)
+    assert map_with_context(process_pool, lambda x, ctx: x * 2, [1, 2], ctxs=ctxs) == [2, 4]
+    assert map_with_context(process_pool, closure, [1, 2], ctxs=ctxs, chunksize=2) == [11, 12]
+    assert [ctx.meta["offset"] for ctx in ctxs] == [10, 10]
+    assert sorted(as_completed_with_context(process_pool, closure, [1], ctxs=_contexts(1))) == [
+        (0, 11)
+    ]
+
+
+@pytest.mark.timeout(30)
+def test_lambda_without_cloudpickle_raises_not_picklable_at_once(process_pool, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # `import cloudpickle` fails
     with pytest.raises(NotPicklableError, match=r"lambda.*loky") as info:
         map_with_context(process_pool, lambda x, ctx: x, [1, 2], ctxs=_contexts(2))
     assert isinstance(info.value, TypeError)
     with pytest.raises(NotPicklableError, match="lambda"):
         as_completed_with_context(process_pool, lambda x, ctx: x, [1], ctxs=_contexts(1))
+
+
+@pytest.mark.timeout(30)
+def test_what_not_even_cloudpickle_can_send_raises_at_once(remote_executor):
+    lock = threading.Lock()
+    with pytest.raises(NotPicklableError, match=r"lock.*thread pool"):
+        map_with_context(remote_executor, lambda x, ctx: lock and x, [1], ctxs=_contexts(1))
 
 
 @pytest.mark.timeout(30)
@@ -327,6 +355,91 @@ def test_unpicklable_result_raises_not_picklable(process_pool, chunksize):
 def test_lambdas_work_on_loky(loky_executor):
     ctxs = _contexts(2)
     assert map_with_context(loky_executor, lambda x, ctx: x + 1, [1, 2], ctxs=ctxs) == [2, 3]
+
+
+# -- definitions from __main__ (a notebook cell) and what workers cannot rebuild --------------------
+
+MAIN_CELL = """
+import os
+
+from chemfit.wrap_funcs import to_objective_functor
+
+OFFSET = 0.5
+
+@to_objective_functor(pass_ctx=True)
+def notebook_loss(x, ctx):
+    ctx.meta["pid"] = os.getpid()
+    return x + OFFSET
+"""
+
+
+def _main_cell() -> dict:
+    """Definitions as a notebook cell makes them: of ``__main__``, which no worker can import
+    (not even this process's ``__main__``, pytest's, has them)."""
+    namespace = {"__name__": "__main__"}
+    exec(MAIN_CELL, namespace)
+    return namespace
+
+
+def _caller_only_module() -> types.ModuleType:
+    """A module only this process has (as one on a path the workers lack)."""
+    module = types.ModuleType("only_in_the_caller")
+    exec("def f(x, ctx):\n    return x\n\nclass Value:\n    pass\n", module.__dict__)
+    return module
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_main_definitions_run_remotely(remote_executor, chunksize, monkeypatch):
+    loss = _main_cell()["notebook_loss"]
+    # As in a notebook, __main__.notebook_loss is the wrapper made by the decorator.
+    monkeypatch.setattr(sys.modules["__main__"], "notebook_loss", loss, raising=False)
+    ctxs = _contexts(2)
+    assert map_with_context(remote_executor, loss, [1.0, 2.0], ctxs=ctxs, chunksize=chunksize) == [
+        1.5,
+        2.5,
+    ]
+    assert all(ctx.meta["pid"] != os.getpid() for ctx in ctxs)
+
+
+@pytest.mark.timeout(30)
+def test_spawn_pool_of_a_notebook_without_cloudpickle_refuses_before_submitting(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # `import cloudpickle` fails
+    monkeypatch.delattr(sys.modules["__main__"], "__file__", raising=False)  # a notebook
+    ns = _main_cell()
+    monkeypatch.setattr(
+        sys.modules["__main__"], "notebook_loss", ns["notebook_loss"], raising=False
+    )
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with pytest.raises(NotPicklableError) as info:
+            map_with_context(pool, ns["notebook_loss"], [1.0], ctxs=_contexts(1))
+        assert not pool._processes  # nothing was submitted
+    finally:
+        pool.shutdown()
+    message = str(info.value)
+    assert "notebook_loss defined in __main__" in message and "loky" in message, message
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_a_function_a_worker_cannot_rebuild_is_named(loky_executor, monkeypatch, chunksize):
+    module = _caller_only_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(NotPicklableError) as info:
+        map_with_context(loky_executor, module.f, [1, 2], ctxs=_contexts(2), chunksize=chunksize)
+    message = str(info.value)
+    assert "could not rebuild the function f defined in module only_in_the_caller" in message
+    assert "No module named 'only_in_the_caller'" in message and "died" not in message
+    assert map_with_context(loky_executor, h.record_square, [3], ctxs=_contexts(1)) == [9]
+
+
+@pytest.mark.timeout(60)
+def test_arguments_a_worker_cannot_rebuild_are_not_a_lost_worker(loky_executor, monkeypatch):
+    module = _caller_only_module()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(NotPicklableError, match="could not rebuild the arguments of call 0"):
+        map_with_context(loky_executor, h.record_square, [module.Value()], ctxs=_contexts(1))
 
 
 # -- R19: lost workers ---------------------------------------------------------------------------------

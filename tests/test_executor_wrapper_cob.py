@@ -8,7 +8,9 @@ import logging
 import math
 import os
 import pickle
+import sys
 import threading
+import types
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -627,7 +629,7 @@ def test_wrapper_as_a_term_inside_a_process_pool(executors):
 @pytest.mark.timeout(20)
 def test_unpicklable_cob_on_a_process_pool_raises_not_picklable(executors):
     cob = CombinedObjectiveFunction([h.LinearTerm(1.0), h.LockedTerm()])
-    with pytest.raises(NotPicklableError, match="loky") as info:
+    with pytest.raises(NotPicklableError, match=r"lock.*thread pool") as info:
         ExecutorWrapperCOB(cob, executors["process"])(h.PARAMS)
     assert isinstance(info.value, TypeError)
 
@@ -640,9 +642,18 @@ def test_unpicklable_cob_on_loky_raises_not_picklable(executors):
 
 
 @pytest.mark.timeout(20)
-def test_lambda_cob_on_a_process_pool_raises_not_picklable(executors):
+def test_lambda_cob_runs_on_a_process_pool(executors):
+    cob = CombinedObjectiveFunction([lambda p: p["x"] * 2.0, lambda p: 1.0])
+    assert ExecutorWrapperCOB(cob, executors["process"], terms_per_task=1)(h.PARAMS) == cob(
+        h.PARAMS
+    )
+
+
+@pytest.mark.timeout(20)
+def test_lambda_cob_without_cloudpickle_on_a_process_pool_raises(executors, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # `import cloudpickle` fails
     cob = CombinedObjectiveFunction([lambda p: 1.0])
-    with pytest.raises(NotPicklableError, match="thread"):
+    with pytest.raises(NotPicklableError, match=r"lambda.*loky"):
         ExecutorWrapperCOB(cob, executors["process"])(h.PARAMS)
 
 
@@ -650,6 +661,57 @@ def test_lambda_cob_on_a_process_pool_raises_not_picklable(executors):
 def test_lambda_cob_works_on_loky(executors):
     cob = CombinedObjectiveFunction([lambda p: p["x"] * 2.0, lambda p: 1.0])
     assert ExecutorWrapperCOB(cob, executors["loky"])(h.PARAMS) == cob(h.PARAMS)
+
+
+NOTEBOOK_TERMS = """
+import functools
+
+from chemfit.wrap_funcs import to_objective_functor
+
+@to_objective_functor
+def term(params, k):
+    return k * params["x"]
+
+square = lambda params: params["x"] ** 2
+
+def scaled(params, k):
+    return k * params["y"]["z"]
+
+class Offset:
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, params):
+        return params["x"] + self.value
+
+TERMS = [term.bind(k=2.0), square, functools.partial(scaled, k=3.0), Offset(0.25)]
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["process", "loky"])
+def test_notebook_terms_run_on_worker_processes(executors, monkeypatch, name):
+    namespace = {"__name__": "__main__"}  # a notebook cell: nothing a worker can import
+    exec(NOTEBOOK_TERMS, namespace)
+    monkeypatch.setattr(sys.modules["__main__"], "term", namespace["term"], raising=False)
+    cob = CombinedObjectiveFunction(namespace["TERMS"])
+    expected, ctx_serial = serial_result(cob)
+    value, ctx = wrapped_result(cob, executors[name], terms_per_task=1)
+    assert same_bits(value, expected) and ctx.meta == ctx_serial.meta
+
+
+@pytest.mark.timeout(60)
+def test_terms_a_worker_cannot_rebuild_are_named(executors, monkeypatch):
+    module = types.ModuleType("only_in_the_caller")
+    exec("def term(params):\n    return 1.0\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    cob = CombinedObjectiveFunction([h.LinearTerm(1.0), module.term])
+    with pytest.raises(NotPicklableError) as info:
+        ExecutorWrapperCOB(cob, executors["loky"], terms_per_task=1)(h.PARAMS)
+    message = str(info.value)
+    assert "could not rebuild the combined objective" in message
+    assert "No module named 'only_in_the_caller'" in message and "died" not in message
+    assert ExecutorWrapperCOB(h.linear_cob(2), executors["loky"], terms_per_task=1)(h.PARAMS)
 
 
 @pytest.mark.timeout(20)

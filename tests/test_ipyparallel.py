@@ -245,6 +245,41 @@ def test_map_with_context_round_trip(local_ex):
     assert [c.loss for c in ctxs] == [0.0, 1.0, 4.0]
 
 
+NOTEBOOK_CELL = """
+import os
+
+from chemfit.wrap_funcs import to_objective_functor
+
+@to_objective_functor(pass_ctx=True)
+def notebook_square(params, ctx):
+    ctx.meta["pid"] = os.getpid()
+    return params["x"] ** 2
+"""
+
+
+@pytest.mark.timeout(180)
+def test_engines_run_models_decorated_in_a_notebook_cell(local_ex, monkeypatch):
+    namespace = {"__name__": "__main__"}  # the engines' __main__ has none of it
+    exec(NOTEBOOK_CELL, namespace)
+    square = namespace["notebook_square"]
+    monkeypatch.setattr(sys.modules["__main__"], "notebook_square", square, raising=False)
+    ctxs = _ctxs(3)
+    params = [{"x": float(x)} for x in range(3)]
+    assert map_with_context(local_ex, square, params, ctxs=ctxs) == [0.0, 1.0, 4.0]
+    assert {c.meta["pid"] for c in ctxs} <= set(local_ex.engine_pids)
+
+
+@pytest.mark.timeout(180)
+def test_engines_that_cannot_rebuild_a_task_say_what(local_ex, monkeypatch):
+    import types
+
+    module = types.ModuleType("only_in_the_caller")
+    exec("def objective(params, ctx):\n    return 1.0\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(NotPicklableError, match="could not rebuild the function objective"):
+        map_with_context(local_ex, module.objective, [{"x": 1.0}], ctxs=_ctxs(1))
+
+
 @pytest.mark.timeout(180)
 def test_fitter_keeps_best_so_far_from_engines(local_ex):
     """R1: the contexts' best-so-far state comes back from the engines."""

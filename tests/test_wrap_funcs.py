@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import pickle
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -265,6 +268,76 @@ def test_decorated_module_level_functions_pickle():
 def test_wrapper_of_a_lambda_is_not_picklable():
     with pytest.raises((pickle.PicklingError, AttributeError)):
         pickle.dumps(WrappedObjectiveFunctor(lambda p: 1.0))
+
+
+def _main_namespace(source: str) -> dict:
+    """Run ``source`` as a notebook cell would: its functions belong to ``__main__`` (whose
+    real module, pytest's, does not have them, as a worker's ``__main__`` would not)."""
+    namespace = {"__name__": "__main__", "to_quantity_computer": to_quantity_computer}
+    exec(source, namespace)
+    return namespace
+
+
+MAIN_MODEL = """
+@to_quantity_computer
+def model(params, scale=1.0):
+    return {"y": scale * params["x"]}
+
+@to_quantity_computer
+def countdown(params, n=3):  # its body uses its own wrapper's name
+    return {"n": 0 if n == 0 else 1 + countdown.func(params, n - 1)["n"]}
+"""
+
+
+def test_wrappers_of_main_functions_travel_by_value():
+    ns = _main_namespace(MAIN_MODEL)
+    data = pickle.dumps(ns["model"].bind(scale=2.0))  # plain pickle, as a fork pool uses
+    del ns["model"]  # not even this namespace can resolve it by name now
+    clone = pickle.loads(data)
+    assert clone({"x": 1.5}) == {"y": 3.0}
+    assert clone.func.__module__ == "__main__"
+
+
+def test_a_main_function_using_its_own_wrapper_pickles():
+    ns = _main_namespace(MAIN_MODEL)
+    assert pickle.loads(pickle.dumps(ns["countdown"]))({"x": 0.0}) == {"n": 3}
+    cloudpickle = pytest.importorskip("cloudpickle")
+    assert cloudpickle.loads(cloudpickle.dumps(ns["countdown"]))({"x": 0.0}) == {"n": 3}
+
+
+def test_each_pickle_carries_the_current_definition():
+    first = _main_namespace(MAIN_MODEL)["model"]
+    second = _main_namespace(MAIN_MODEL.replace("scale * params", "10 * scale * params"))
+    assert pickle.loads(pickle.dumps(first))({"x": 1.0}) == {"y": 1.0}
+    assert pickle.loads(pickle.dumps(second["model"]))({"x": 1.0}) == {"y": 10.0}
+
+
+def test_without_cloudpickle_main_functions_go_by_name(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # `import cloudpickle` fails
+    ns = _main_namespace(MAIN_MODEL)
+    monkeypatch.setattr(sys.modules["__main__"], "model", ns["model"], raising=False)
+    data = pickle.dumps(ns["model"])  # a reference to __main__.model, as before
+    assert b"_ShadowedFunctionRef" in data
+    assert pickle.loads(data).func is ns["model"].func
+
+
+def test_copies_share_the_function_and_do_not_pickle_it(monkeypatch):
+    ns = _main_namespace(MAIN_MODEL)
+    monkeypatch.setattr(wrapping, "_by_value", None)  # any pickling of the function would fail
+    bound = ns["model"].bind(scale=3.0)
+    for clone in (copy.copy(bound), copy.deepcopy(bound)):
+        assert clone.func is ns["model"].func and clone.func_kwargs == {"scale": 3.0}
+    deep = copy.deepcopy(bound)
+    deep.func_kwargs["scale"] = 4.0
+    assert bound.func_kwargs == {"scale": 3.0}
+
+
+def test_defined_in_main():
+    ns = _main_namespace(MAIN_MODEL + "class Thing:\n    pass\n")
+    assert wrapping.defined_in_main(ns["model"].func)
+    assert wrapping.defined_in_main(functools.partial(ns["model"].func, scale=2.0))
+    assert wrapping.defined_in_main(ns["Thing"]()) and wrapping.defined_in_main(ns["Thing"])
+    assert not wrapping.defined_in_main(core_helpers.square)
 
 
 @pytest.mark.timeout(60)

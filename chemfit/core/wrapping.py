@@ -6,16 +6,25 @@
 arguments; binding accumulates. The decorators :func:`to_objective_functor` and
 :func:`to_quantity_computer` work with and without parentheses.
 
-A wrapper is picklable whenever its function is. A module-level function decorated in place
-(so that its module name now refers to the wrapper) is pickled by reference to that name.
+A wrapper is picklable whenever its function is. A function defined in ``__main__`` (a notebook
+cell or the script being run), which no other process can import, travels by value: as
+cloudpickle bytes that plain :mod:`pickle` carries too, so it works on stdlib process pools,
+loky, ipyparallel, Dask and MPI alike and never resolves a stale same-named object in a
+long-lived worker's ``__main__``. Without cloudpickle, or for an importable module, a function
+decorated in place (so that its module name now refers to the wrapper) is pickled by reference
+to that name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib
 import logging
-from collections.abc import Callable
+import pickle
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from chemfit.core.context import EvaluateContext
@@ -29,6 +38,9 @@ __all__ = [
     "WrappableQuantFunction",
     "WrappedObjectiveFunctor",
     "WrappedQuantityComputer",
+    "defined_in_main",
+    "dumps_by_value",
+    "functions_inline",
     "to_objective_functor",
     "to_quantity_computer",
 ]
@@ -37,6 +49,76 @@ logger = logging.getLogger(__name__)
 
 WrappableObjFunction = Callable[[dict], float] | Callable[[dict, EvaluateContext], float]
 WrappableQuantFunction = Callable[..., dict]
+
+
+# While cloudpickle pickles in this thread, wrappers leave their functions to it (it sends
+# ``__main__`` functions by value, each once per pickle); this also ends the recursion of a
+# function whose globals hold its own wrapper.
+_inline = threading.local()
+
+
+@contextlib.contextmanager
+def functions_inline() -> Iterator[None]:
+    """Within this block, wrappers pickle their functions as they are (no nested bytes).
+
+    For picklers that send ``__main__`` functions by value themselves (cloudpickle), and for
+    probing with plain :mod:`pickle` whether an object refers to ``__main__`` by name.
+    """
+    depth = getattr(_inline, "depth", 0)
+    _inline.depth = depth + 1
+    try:
+        yield
+    finally:
+        _inline.depth = depth
+
+
+def dumps_by_value(obj: Any, protocol: int | None = pickle.HIGHEST_PROTOCOL) -> bytes:
+    """``cloudpickle.dumps(obj)``, with wrappers in ``obj`` sending their functions inline.
+
+    ``pickle.loads`` rebuilds it wherever chemfit and cloudpickle are installed.
+
+    Raises
+    ------
+    ImportError
+        When cloudpickle is not installed.
+
+    Examples
+    --------
+    >>> square = WrappedObjectiveFunctor(lambda p: p["x"] ** 2)
+    >>> pickle.loads(dumps_by_value(square))({"x": 3.0})
+    9.0
+    """
+    import cloudpickle
+
+    with functions_inline():
+        return cloudpickle.dumps(obj, protocol=protocol)
+
+
+def defined_in_main(obj: Any) -> bool:
+    """Whether ``obj`` (a function, class, instance or ``functools.partial``) comes from
+    ``__main__``: a notebook cell or the script being run, which other processes cannot import.
+
+    Examples
+    --------
+    >>> import functools
+    >>> defined_in_main(len), defined_in_main(functools.partial(len))
+    (False, False)
+    """
+    if isinstance(obj, functools.partial):
+        return defined_in_main(obj.func)
+    return getattr(obj, "__module__", None) == "__main__"
+
+
+class _FunctionByValue:
+    """Pickle stand-in for a ``__main__`` function: its cloudpickle bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def resolve(self) -> Callable[..., Any]:
+        return pickle.loads(self.data)
 
 
 class _ShadowedFunctionRef:
@@ -68,6 +150,18 @@ def _shadowed_reference(func: Any) -> _ShadowedFunctionRef | None:
     if obj is not func and isinstance(obj, _FunctionWrapper) and obj.func is func:
         return _ShadowedFunctionRef(module_name, qualname)
     return None
+
+
+def _by_value(func: Callable[..., Any]) -> bytes | None:
+    """``func`` as cloudpickle bytes; ``None`` without cloudpickle or when it cannot pickle it
+    (then the caller falls back to a reference by name, which works on forked workers)."""
+    try:
+        return dumps_by_value(func)
+    except ImportError:
+        return None
+    except Exception:
+        logger.debug("cloudpickle could not pickle %r; sending it by name", func, exc_info=True)
+        return None
 
 
 class _FunctionWrapper:
@@ -127,16 +221,36 @@ class _FunctionWrapper:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        ref = _shadowed_reference(self.func)
+        func = self.func
+        if defined_in_main(func):
+            if getattr(_inline, "depth", 0):
+                return state
+            data = _by_value(func)
+            if data is not None:
+                state["func"] = _FunctionByValue(data)
+                return state
+        ref = _shadowed_reference(func)
         if ref is not None:
             state["func"] = ref
         return state
 
     def __setstate__(self, state: dict) -> None:
         func = state.get("func")
-        if isinstance(func, _ShadowedFunctionRef):
+        if isinstance(func, (_ShadowedFunctionRef, _FunctionByValue)):
             state = {**state, "func": func.resolve()}
         self.__dict__.update(state)
+
+    # Copies share the function (as before); only pickling sends it by value.
+    def __copy__(self) -> Self:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> Self:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def __repr__(self) -> str:
         name = getattr(self.func, "__qualname__", repr(self.func))

@@ -5,15 +5,32 @@ caller can apply that state to its own context. In-process tasks (thread pools,
 ``SerialExecutor``) write into the caller's context directly and return the value only. Every
 task marks its worker thread with the executor it came from (R11, see
 :mod:`chemfit.execution.worker_marks`); pickling drops that mark.
+
+A task's function travels as bytes that chemfit makes (:class:`PickledCallable`, built with
+:func:`dumps_for_workers`): plain :mod:`pickle` where that refers to nothing in ``__main__``,
+else cloudpickle, which sends notebook and script definitions (decorated models, lambdas,
+closures, partials, classes and their instances) by value. So they run on every executor,
+stdlib process pools included, and the worker rebuilds the function inside the call: a worker
+that cannot rebuild it raises :class:`~chemfit.core.exceptions.NotPicklableError` naming it,
+instead of failing while unpickling the task (which a process pool reports as a broken pool).
 """
 
 from __future__ import annotations
 
+import pickle
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from chemfit.core.context import EvaluateContext
-from chemfit.execution.task_errors import portable_exception
+from chemfit.core.wrapping import dumps_by_value, functions_inline
+from chemfit.execution.task_errors import (
+    describe_object,
+    not_picklable_error,
+    portable_exception,
+    rebuild_error,
+)
+from chemfit.execution.task_submission import is_stdlib_process_pool
 from chemfit.execution.worker_marks import _marks
 
 __all__ = [
@@ -22,8 +39,163 @@ __all__ = [
     "ContextTask",
     "InProcessTask",
     "PackedCalls",
+    "PickledCallable",
+    "dumps_for_workers",
+    "loads_in_worker",
+    "main_reachable",
     "rebuild_context",
 ]
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+# -- sending functions to workers ------------------------------------------------------------------
+
+
+def main_reachable(executor: Any) -> bool:
+    """Whether the workers of ``executor`` can look names up in this process's ``__main__``.
+
+    True for a stdlib process pool that forks (its workers are copies of this process) and for
+    one that spawns when ``__main__`` is a script file (the workers import it again). Not for
+    a notebook's ``__main__``, nor for loky, ipyparallel or Dask workers.
+
+    Examples
+    --------
+    >>> main_reachable(None)
+    False
+    """
+    if not is_stdlib_process_pool(executor):
+        return False
+    context = getattr(executor, "_mp_context", None)
+    if context is None:
+        import multiprocessing
+
+        context = multiprocessing.get_context()
+    if context.get_start_method() == "fork":
+        return True
+    main = sys.modules.get("__main__")
+    return bool(getattr(main, "__file__", None)) and not sys.flags.interactive
+
+
+def _cloudpickle_installed() -> bool:
+    try:
+        import cloudpickle  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def dumps_for_workers(obj: Any, executor: Any = None) -> bytes:
+    """``obj`` as bytes that a worker of ``executor`` rebuilds with ``pickle.loads``.
+
+    Plain :mod:`pickle` when its output refers to nothing in ``__main__`` (cheap, by reference
+    to importable modules). Otherwise cloudpickle, which sends ``__main__`` definitions by
+    value. Without cloudpickle, or when it fails, references by name are sent only where the
+    workers can resolve them (:func:`main_reachable`).
+
+    Raises
+    ------
+    NotPicklableError
+        When ``obj`` cannot be sent; the message names what and where it was defined.
+
+    Examples
+    --------
+    >>> pickle.loads(dumps_for_workers(lambda x: 2 * x))(4)
+    8
+    """
+    with functions_inline():  # wrappers leave __main__ functions to be found below
+        try:
+            data = pickle.dumps(obj, protocol=_PROTOCOL)
+        except Exception:
+            data = None
+    if data is not None and b"__main__" not in data:
+        return data
+    by_value_error: BaseException | None = None
+    if _cloudpickle_installed():
+        try:
+            return dumps_by_value(obj, protocol=_PROTOCOL)
+        except Exception as exc:
+            by_value_error = exc
+    try:  # by name: wrappers fall back to references into __main__
+        data = pickle.dumps(obj, protocol=_PROTOCOL)
+    except Exception as exc:
+        error = by_value_error or exc
+        raise not_picklable_error(
+            obj, executor, error, tried_by_value=by_value_error is not None
+        ) from error
+    if b"__main__" in data and not main_reachable(executor):
+        raise not_picklable_error(obj, executor, by_value_error, by_name=True)
+    return data
+
+
+def loads_in_worker(data: bytes, label: str) -> Any:
+    """``pickle.loads(data)``; a failure raises :func:`rebuild_error` naming ``label``.
+
+    Examples
+    --------
+    >>> loads_in_worker(pickle.dumps(len), "len")(["a"])
+    1
+    """
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise rebuild_error(label, exc) from exc
+
+
+class PickledCallable:
+    """A callable that travels to workers as bytes made by :func:`dumps_for_workers` and is
+    rebuilt inside the call.
+
+    The bytes are made once (by :meth:`pack`), however many tasks carry them. In the caller's
+    process calls go to the original; in a worker the first call rebuilds it.
+
+    Examples
+    --------
+    >>> packed = PickledCallable.pack(lambda x: x + 1)
+    >>> copy = pickle.loads(pickle.dumps(packed))  # what a worker receives: the bytes only
+    >>> packed(1), copy(1), packed.label
+    (2, 2, 'a lambda (<lambda>) defined in module chemfit.execution.context_tasks')
+    """
+
+    __slots__ = ("_data", "_func", "label")
+
+    def __init__(self, func: Callable[..., Any] | None, data: bytes, label: str) -> None:
+        self._func = func
+        self._data = data
+        self.label = label
+
+    @classmethod
+    def pack(cls, func: Any, executor: Any = None) -> PickledCallable:
+        """``func`` packed for the workers of ``executor`` (returned as is when packed already).
+
+        Raises
+        ------
+        NotPicklableError
+            When it cannot be sent (see :func:`dumps_for_workers`).
+        """
+        if isinstance(func, cls):
+            return func
+        return cls(func, dumps_for_workers(func, executor), describe_object(func))
+
+    @property
+    def func(self) -> Any:
+        """The callable (rebuilt on first use in a worker)."""
+        return self.load()
+
+    def load(self) -> Callable[..., Any]:
+        func = self._func
+        if func is None:
+            func = self._func = loads_in_worker(self._data, self.label)
+        return func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.load()(*args, **kwargs)
+
+    def __reduce__(self):
+        return (PickledCallable, (None, self._data, self.label))
+
+    def __repr__(self) -> str:
+        return f"PickledCallable({self.label}, {len(self._data)} bytes)"
 
 
 def _check_context_arg(args: tuple) -> Any:
@@ -117,7 +289,9 @@ class ContextTask(AttachContextAsReturnValue):
             _marks.executor = previous
 
     def __reduce__(self):
-        return (ContextTask, (self.func, None))
+        # Packed once, on the first pickle; later pickles of this task reuse the bytes.
+        self.func = func = PickledCallable.pack(self.func, self.executor)
+        return (ContextTask, (func, None))
 
 
 class InProcessTask:
@@ -185,6 +359,8 @@ class ContextBatch:
 
     def _run(self, calls: Sequence[tuple], remote: bool) -> tuple[list, list | None, list | None]:
         func = self.func
+        if isinstance(func, PickledCallable):
+            func = func.load()  # a failure fails the whole task: no call can run
         values: list[Any] = []
         states: list[Any] | None = None if self.in_process else []
         errors: list[tuple[int, Exception, str | None]] | None = None
@@ -207,7 +383,8 @@ class ContextBatch:
         return values, states, errors
 
     def __reduce__(self):
-        return (ContextBatch, (self.func, None, False))
+        self.func = func = PickledCallable.pack(self.func, self.executor)
+        return (ContextBatch, (func, None, False))
 
 
 def _pack_call(call: tuple) -> tuple[tuple, tuple | None]:

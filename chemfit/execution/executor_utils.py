@@ -7,8 +7,12 @@ after a local call. ``temp`` and ``shared`` never travel back.
 
 Errors are made explicit:
 
-* a stdlib ``ProcessPoolExecutor`` that cannot pickle the function or its arguments raises
-  :class:`~chemfit.core.exceptions.NotPicklableError` before anything is submitted (R18);
+* the function is pickled once per call of :func:`map_with_context`, by chemfit: functions,
+  lambdas, closures, partials and classes defined in ``__main__`` (a notebook cell) travel by
+  value when cloudpickle is installed, on every executor, stdlib process pools included;
+* a function or arguments that cannot be sent raise
+  :class:`~chemfit.core.exceptions.NotPicklableError` before anything is submitted (R18), and a
+  worker that cannot rebuild the function raises it too, naming the function;
 * a dead worker process (``BrokenProcessPool``, loky's ``TerminatedWorkerError``, a dead
   ipyparallel engine) raises :class:`~chemfit.core.exceptions.WorkerLostError` naming the lost
   call (R19), after the states of the calls that succeeded have been applied.
@@ -35,6 +39,7 @@ from chemfit.execution.context_tasks import (
     ContextTask,
     InProcessTask,
     PackedCalls,
+    PickledCallable,
 )
 from chemfit.execution.task_errors import (
     attach_worker_traceback,
@@ -167,9 +172,11 @@ def map_with_context(
     n_calls = len(calls)
     if n_calls == 0:
         return []
-    if is_stdlib_process_pool(executor):
-        check_picklable(executor, fn, calls[0])
     in_process = runs_in_process(executor)
+    if not in_process:  # pickled once here, not once per task; NotPicklableError before submitting
+        fn = PickledCallable.pack(fn, executor)
+        if is_stdlib_process_pool(executor):
+            check_picklable(executor, fn, calls[0])
     chunked = chunksize > 1 and n_calls > 1
     if chunked:
         task: Callable[..., Any] = ContextBatch(fn, executor, in_process)
@@ -406,8 +413,10 @@ def as_completed_with_context(
     executor = resolve_executor(executor)
     deadline = _deadline(timeout)
     calls, ctx_list = collect_calls(iterables, ctxs)
-    if calls and is_stdlib_process_pool(executor):
-        check_picklable(executor, fn, calls[0])
+    if calls and not runs_in_process(executor):
+        fn = PickledCallable.pack(fn, executor)
+        if is_stdlib_process_pool(executor):
+            check_picklable(executor, fn, calls[0])
     futures = submit_all(executor, ContextTask(fn, executor), calls)
     return _CompletionIterator(
         futures, calls, ctx_list, executor, deadline, timeout, bool(return_exceptions)

@@ -31,7 +31,6 @@ import hashlib
 import logging
 import math
 import os
-import pickle
 import threading
 import time
 import weakref
@@ -43,13 +42,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from chemfit.core.context import EvaluateContext, ExecutorLike
 from chemfit.core.exceptions import NotPicklableError
 from chemfit.core.objectives import ObjectiveFunctor, ensure_context
-from chemfit.execution.context_tasks import rebuild_context
+from chemfit.execution.context_tasks import dumps_for_workers, loads_in_worker, rebuild_context
 from chemfit.execution.executors import SerialExecutor, as_executor
 from chemfit.execution.task_errors import (
-    PICKLE_ADVICE,
     attach_worker_traceback,
+    describe_object,
     portable_exception,
-    short_repr,
     translate_task_error,
 )
 from chemfit.execution.task_submission import (
@@ -102,20 +100,22 @@ class _ShippedCOB:
     later tasks and later calls with an unchanged objective reuse the same object, including
     any caches its terms hold. Once an executor has received an objective, tasks carry only
     the hash (``data=None``); a worker that does not have it answers with a miss and the task
-    is sent again with the data.
+    is sent again with the data. A worker that cannot unpickle it raises
+    :class:`NotPicklableError` naming it (``label``).
     """
 
-    __slots__ = ("data", "token")
+    __slots__ = ("data", "label", "token")
 
-    def __init__(self, token: bytes, data: bytes | None) -> None:
+    def __init__(self, token: bytes, data: bytes | None, label: str = "the combined objective"):
         self.token = token
         self.data = data
+        self.label = label
 
     def __reduce__(self):
-        return (_ShippedCOB, (self.token, self.data))
+        return (_ShippedCOB, (self.token, self.data, self.label))
 
     def without_data(self) -> _ShippedCOB:
-        return _ShippedCOB(self.token, None)
+        return _ShippedCOB(self.token, None, self.label)
 
     def load(self) -> Any:
         """The objective from this process's cache, else unpickled; ``None`` on a miss."""
@@ -126,7 +126,7 @@ class _ShippedCOB:
                 return cob
         if self.data is None:
             return None
-        cob = pickle.loads(self.data)
+        cob = loads_in_worker(self.data, self.label)
         with _worker_cache_lock:
             _worker_cache[self.token] = cob
             while len(_worker_cache) > _WORKER_CACHE_SIZE:
@@ -134,65 +134,29 @@ class _ShippedCOB:
         return cob
 
 
-def _dumps_for_workers(obj: Any) -> bytes:
-    """Pickle ``obj`` for an executor that itself uses cloudpickle (loky, Dask, ipyparallel).
-
-    Plain :mod:`pickle` is tried first (about three times faster). Objects it cannot pickle,
-    and objects defined in ``__main__`` (which a worker may not be able to import), go through
-    cloudpickle when it is installed, which sends them by value.
-    """
-    try:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        data = None
-    if data is not None and b"__main__" not in data:
-        return data
-    try:
-        import cloudpickle
-    except ImportError:
-        if data is None:
-            raise
-        return data
-    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def _ship(cob: Any, executor: Any) -> Any:
     """What a task carries to name the objective: a :class:`_ShippedCOB`, or ``cob`` itself.
 
-    A stdlib process pool pickles with :mod:`pickle`, so that is what is used for it; a failure
-    raises :class:`NotPicklableError` before anything is submitted (R18). Other executors get
-    cloudpickle where plain pickle is not enough (see :func:`_dumps_for_workers`); when that
-    fails too, loky raises :class:`NotPicklableError` as well, and any other executor is handed
-    the objective as it is, since it may have a serializer of its own.
+    The objective is pickled as :func:`~chemfit.execution.context_tasks.dumps_for_workers`
+    does (``__main__`` definitions by value with cloudpickle). A failure raises
+    :class:`NotPicklableError` before anything is submitted (R18) for process pools and loky;
+    any other executor is handed the objective as it is, since it may have a serializer of its
+    own.
     """
-    if is_stdlib_process_pool(executor):
-        try:
-            data = pickle.dumps(cob, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise NotPicklableError(
-                f"{type(executor).__name__} cannot pickle the combined objective "
-                f"{short_repr(cob)} to send it to a worker process: {type(exc).__name__}: "
-                f"{exc}. {PICKLE_ADVICE}"
-            ) from exc
-    else:
-        try:
-            data = _dumps_for_workers(cob)
-        except Exception as exc:
-            if is_loky_executor(executor):
-                raise NotPicklableError(
-                    f"{type(executor).__name__} cannot pickle the combined objective "
-                    f"{short_repr(cob)}, not even with cloudpickle: {type(exc).__name__}: "
-                    f"{exc}. Use a thread pool, or keep locks, open files and similar "
-                    "resources out of the objective (create them lazily in the worker)."
-                ) from exc
-            logger.debug(
-                "could not pre-pickle %r; handing it to %s as it is",
-                cob,
-                type(executor).__name__,
-                exc_info=True,
-            )
-            return cob
-    return _ShippedCOB(hashlib.blake2b(data, digest_size=16).digest(), data)
+    try:
+        data = dumps_for_workers(cob, executor)
+    except NotPicklableError:
+        if is_stdlib_process_pool(executor) or is_loky_executor(executor):
+            raise
+        logger.debug(
+            "could not pre-pickle %r; handing it to %s as it is",
+            cob,
+            type(executor).__name__,
+            exc_info=True,
+        )
+        return cob
+    label = f"the combined objective ({describe_object(cob)})"
+    return _ShippedCOB(hashlib.blake2b(data, digest_size=16).digest(), data, label)
 
 
 class _PackedChildren:

@@ -126,7 +126,8 @@ def make_executor(
         ``ThreadPoolExecutor`` / ``ProcessPoolExecutor``. ``"loky"``:
         ``loky.get_reusable_executor(max_workers)``, which pickles lambdas and closures with
         cloudpickle (extra ``loky``). ``"ipyparallel"``: an ``IPyParallelExecutor`` on local
-        engines or an existing cluster (extra ``ipyparallel``).
+        engines or an existing cluster (extra ``ipyparallel``). On all of them chemfit sends
+        what a notebook cell defines by value (with cloudpickle, when it is installed).
     max_workers : int, optional
         Number of workers; ``None`` uses the executor's default.
     **options

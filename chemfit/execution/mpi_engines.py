@@ -32,6 +32,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from chemfit.core.exceptions import WorkerLostError
+from chemfit.execution.context_tasks import PickledCallable
 from chemfit.execution.ipyparallel_executor import (
     IPyParallelExecutor,
     RemoteCall,
@@ -109,6 +110,8 @@ def _run_on_rank(build_objective: Callable[[], Any], driver: Driver, mpi_debug_l
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     try:
+        if isinstance(driver, PickledCallable):
+            driver = driver.load()  # NotPicklableError naming it when this engine cannot
         objective, failure = build_objective(), None
     except Exception as exc:
         objective, failure = None, exc
@@ -133,8 +136,9 @@ class MPIEngineJob:
     ----------
     build_objective : callable
         ``build_objective() -> CombinedObjectiveFunction``, run on **every** engine; each must
-        build the same objective (same terms in the same order). Sent with cloudpickle, so a
-        function defined in the notebook works.
+        build the same objective (same terms in the same order). Pickled by chemfit
+        (:class:`~chemfit.execution.context_tasks.PickledCallable`), so a function defined in
+        the notebook, and the decorated models and lambdas it uses, travel by value.
     driver : callable
         ``driver(objective, publish) -> result``, run on rank 0 with the ``MPIWrapperCOB``
         objective; ``publish(dict)`` streams a record to the notebook. The result must be
@@ -253,6 +257,7 @@ class MPIEngineJob:
         self.state = "created"
         self._lock = threading.RLock()
         self._async_results: dict[int, Any] = {}  # engine id -> AsyncResult
+        self._packed: tuple = ()  # build_objective and driver, pickled by start()
         self._ranks: dict[int, int] = {}  # engine id -> MPI rank
         self._root_engine: int | None = None
         self._finished = threading.Event()
@@ -281,6 +286,13 @@ class MPIEngineJob:
                 raise RuntimeError(f"the job was already started (state {self.state!r})")
             self.state = "starting"
         try:
+            # Pickled once, by chemfit (notebook definitions by value), before any engine
+            # starts: a failure raises NotPicklableError here, and an engine that cannot
+            # rebuild them says which.
+            self._packed = tuple(
+                PickledCallable.pack(fn, "the ipyparallel MPI engines")
+                for fn in (self.build_objective, self.driver)
+            )
             self._ensure_executor()
             self._submit()
         except BaseException as exc:
@@ -317,11 +329,12 @@ class MPIEngineJob:
     def _submit(self) -> None:
         client = self.executor.client  # type: ignore[union-attr]
         task = RemoteCall(_run_on_rank)
+        build, driver = self._packed
         self.start_time = time.monotonic()
         # Rank 0 last: the others are then already waiting for it in the collectives.
         for eid in sorted(self._ranks, key=lambda e: -self._ranks[e]):
             self._async_results[eid] = client[eid].apply_async(
-                task, self.build_objective, self.driver, self.mpi_debug_log
+                task, build, driver, self.mpi_debug_log
             )
         logger.info(
             "MPI engine job submitted to %d engines (rank 0 = engine %s)",

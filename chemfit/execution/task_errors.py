@@ -7,13 +7,18 @@
   :class:`~chemfit.core.exceptions.WorkerLostError` and
   :class:`~chemfit.core.exceptions.NotPicklableError` with messages that name the lost work.
 * :func:`check_picklable` fails before submitting when a stdlib process pool cannot pickle the
-  work.
+  work; :func:`not_picklable_error` explains what cannot be sent (naming the object and where
+  it was defined) and :func:`rebuild_error` what a worker could not rebuild.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import pickle
+import re
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -21,15 +26,20 @@ from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError, Wo
 from chemfit.execution.task_submission import runs_in_process
 
 __all__ = [
+    "BY_VALUE_ADVICE",
     "PICKLE_ADVICE",
     "attach_worker_traceback",
     "check_picklable",
+    "describe_object",
     "exception_traceback",
+    "find_main_definition",
     "is_lost_worker",
     "is_pickling_error",
     "looks_like_pickling_error",
+    "not_picklable_error",
     "pickled_exception",
     "portable_exception",
+    "rebuild_error",
     "short_repr",
     "shorten",
     "translate_call_error",
@@ -41,6 +51,15 @@ PICKLE_ADVICE = (
     "Use make_executor('loky') (cloudpickle sends lambdas, closures and locally defined "
     "functions) or a thread pool, or define the function at module level."
 )
+
+#: The fix suggested when not even cloudpickle can pickle the work.
+BY_VALUE_ADVICE = (
+    "Use a thread pool (nothing is pickled), or keep locks, open files and similar resources "
+    "out of what is sent (create them lazily in the worker)."
+)
+
+#: loky's message for a task that a worker could not unpickle (the pool is broken after it).
+_UNSERIALIZE_TEXT = "failed to un-serialize"
 
 _LOST_WORKER_NAMES = frozenset(
     {"BrokenProcessPool", "TerminatedWorkerError", "EngineError", "KilledWorker", "WorkerLostError"}
@@ -108,6 +127,200 @@ def pickled_exception(exc: BaseException, protocol: int | None = None) -> bytes 
     except Exception:
         return None
     return data
+
+
+# -- naming objects -------------------------------------------------------------------------------
+
+
+def _location(obj: Any) -> str:
+    """``" (file, line N)"`` for a function or a class with methods, else ``""``."""
+    code = getattr(obj, "__code__", None)
+    if code is None and isinstance(obj, type):
+        for value in vars(obj).values():
+            code = getattr(value, "__code__", None)
+            if code is not None:
+                break
+    if code is None:
+        return ""
+    return f" ({code.co_filename}, line {code.co_firstlineno})"
+
+
+def _where(module: str | None, obj: Any = None) -> str:
+    """Where ``obj`` of ``module`` was defined; file and line only for ``__main__``."""
+    if module == "__main__":
+        return f"__main__ (a notebook cell or the script that was run){_location(obj)}"
+    return f"module {module}" if module else "an unknown module"
+
+
+def describe_object(obj: Any) -> str:
+    """What ``obj`` is and where it was defined, for messages.
+
+    Examples
+    --------
+    >>> describe_object(len)
+    'the function len defined in module builtins'
+    >>> describe_object(ValueError("x"))
+    'a ValueError object (class defined in module builtins)'
+    """
+    if isinstance(obj, functools.partial):
+        return f"a functools.partial of {describe_object(obj.func)}"
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "?")
+        owner = getattr(obj, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            return f"the method {name} of {describe_object(owner)}"
+        kind = "lambda" if name.endswith("<lambda>") else "function"
+        text = f"the {kind} {name}" if kind == "function" else f"a lambda ({name})"
+        return f"{text} defined in {_where(getattr(obj, '__module__', None), obj)}"
+    if isinstance(obj, type):
+        return f"the class {obj.__qualname__} defined in {_where(obj.__module__, obj)}"
+    cls = type(obj)
+    return f"a {cls.__qualname__} object (class defined in {_where(cls.__module__, cls)})"
+
+
+class _Found(Exception):
+    def __init__(self, obj: Any) -> None:
+        super().__init__()
+        self.obj = obj
+
+
+class _MainFinder(pickle.Pickler):
+    """Stops at the first function or class from ``__main__`` that pickling reaches."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
+            raise _Found(obj)
+        return NotImplemented
+
+
+def find_main_definition(obj: Any) -> str | None:
+    """:func:`describe_object` of the first ``__main__`` function or class inside ``obj``.
+
+    ``None`` when pickling ``obj`` reaches nothing from ``__main__`` (or fails before).
+
+    Examples
+    --------
+    >>> find_main_definition({"x": [1.0, len]}) is None
+    True
+    """
+    from chemfit.core.wrapping import functions_inline
+
+    try:
+        with functions_inline():  # wrappers expose their functions to the finder
+            _MainFinder(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except _Found as found:
+        return describe_object(found.obj)
+    except Exception:
+        return None
+    return None
+
+
+def _executor_name(executor: Any) -> str:
+    if isinstance(executor, str):
+        return executor
+    name = type(executor).__name__
+    context = getattr(executor, "_mp_context", None)
+    method = getattr(context, "get_start_method", None)
+    return f"{name} (start method {method()!r})" if callable(method) else name
+
+
+def not_picklable_error(
+    obj: Any,
+    executor: Any,
+    error: BaseException | None,
+    *,
+    by_name: bool = False,
+    why: str | None = None,
+    tried_by_value: bool = False,
+) -> NotPicklableError:
+    """The :class:`NotPicklableError` for ``obj``, which ``executor`` cannot send (R18).
+
+    Parameters
+    ----------
+    obj
+        What had to be sent; the message names the ``__main__`` definition inside it, if any.
+    executor
+        The executor (named in the message).
+    error : BaseException, optional
+        Why pickling failed (plain pickle's or cloudpickle's error).
+    by_name : bool
+        ``obj`` pickles, but only with references by name into ``__main__``, which the
+        executor's workers cannot import.
+    why : str, optional
+        With ``by_name``: why it cannot travel by value (default: cloudpickle's ``error``, or
+        that cloudpickle is not installed).
+    tried_by_value : bool
+        ``error`` is cloudpickle's: advise threads, not loky (which uses cloudpickle too).
+
+    Examples
+    --------
+    >>> error = not_picklable_error(len, None, None, by_name=True)
+    >>> "loky" in str(error), "len" in str(error)
+    (True, True)
+    """
+    culprit = find_main_definition(obj) or describe_object(obj)
+    reason = f"{type(error).__name__}: {error}" if error is not None else ""
+    if by_name:
+        if why is None:
+            why = (
+                f"cloudpickle could not pickle it by value ({reason})"
+                if error is not None
+                else "cloudpickle, which sends such definitions by value, is not installed"
+            )
+        return NotPicklableError(
+            f"{_executor_name(executor)} cannot send {culprit} to its workers: they cannot "
+            "import this process's __main__ (a notebook cell or interactive session), so it "
+            f"would have to travel by value, and {why}. Use make_executor('loky') (with "
+            "cloudpickle installed it sends notebook definitions by value) or a thread pool, "
+            "or define it in an importable module."
+        )
+    advice = BY_VALUE_ADVICE if tried_by_value else PICKLE_ADVICE
+    return NotPicklableError(
+        f"{_executor_name(executor)} cannot pickle {culprit} to send it to its workers: "
+        f"{reason}. {advice}"
+    )
+
+
+_CANT_GET = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
+
+
+def rebuild_error(label: str, exc: BaseException) -> NotPicklableError:
+    """The error of a worker that could not rebuild ``label`` from the bytes sent to it.
+
+    Examples
+    --------
+    >>> exc = AttributeError("Can't get attribute 'dimer' on <module '__main__' (built-in)>")
+    >>> print(rebuild_error("the function fit_me", exc))  # doctest: +NORMALIZE_WHITESPACE
+    a worker could not rebuild the function fit_me, which was sent to it: AttributeError:
+    Can't get attribute 'dimer' on <module '__main__' (built-in)>. 'dimer' was sent by name
+    from __main__ (a notebook cell or the script that was run), which this worker does not
+    have. Install cloudpickle (chemfit then sends such definitions by value) and use
+    make_executor('loky'), or define it in a module the workers can import.
+    """
+    text = f"a worker could not rebuild {label}, which was sent to it: {type(exc).__name__}: {exc}."
+    match = _CANT_GET.search(str(exc))
+    if match and match.group(2) == "__main__":
+        hint = (
+            f"'{match.group(1)}' was sent by name from __main__ (a notebook cell or the script "
+            "that was run), which this worker does not have. Install cloudpickle (chemfit then "
+            "sends such definitions by value) and use make_executor('loky'), or define it in a "
+            "module the workers can import."
+        )
+    elif match:
+        hint = (
+            f"'{match.group(1)}' is looked up by name in module {match.group(2)} of the worker, "
+            "which does not define it: the worker has another version of that module. Install "
+            "the same version where the workers run."
+        )
+    elif isinstance(exc, ImportError):
+        module = getattr(exc, "name", None) or "a module"
+        hint = (
+            f"It was defined in {module}, which the worker cannot import: install it where "
+            "the workers run, or put its directory on their PYTHONPATH."
+        )
+    else:
+        hint = "Check that the workers run the same Python packages as this process."
+    return NotPicklableError(f"{text} {hint}")
 
 
 # -- bringing a worker's exception back ----------------------------------------------------------
@@ -263,8 +476,16 @@ def translate_task_error(
     >>> type(error).__name__, str(error)
     ('WorkerLostError', "a worker of NoneType died while evaluating call 0 with parameters {'x': 1.0} (BrokenProcessPool: died); start again")
     """
-    if is_lost_worker(exc):
-        error: BaseException = WorkerLostError(
+    if _UNSERIALIZE_TEXT in str(exc):  # loky: a worker could not unpickle the task
+        error: BaseException = NotPicklableError(
+            f"a worker of {type(executor).__name__} could not rebuild the arguments of "
+            f"{subject} (parameters {short_repr(parameters, 200)}) from their pickle: "
+            f"{type(exc).__name__}: {exc}. They (the parameters, or a context's config, shared "
+            "or meta) refer to something the worker cannot import; keep them plain data. "
+            "The executor is broken after this: create a new one (make_executor('loky') does)"
+        )
+    elif is_lost_worker(exc):
+        error = WorkerLostError(
             f"a worker of {type(executor).__name__} died while evaluating {subject} with "
             f"parameters {short_repr(parameters, 200)}{lost_detail} ({type(exc).__name__}: "
             f"{exc}){lost_tail}",
@@ -321,32 +542,51 @@ def translate_call_error(
 
 def check_picklable(executor: Any, fn: Callable[..., Any], first_call: tuple) -> None:
     """R18: raise :class:`NotPicklableError` before submitting when a stdlib process pool
-    cannot pickle ``fn`` and the first call ``(*args, ctx)``; the message names the culprit.
+    cannot send ``fn`` and the first call ``(*args, ctx)``; the message names the culprit.
+
+    ``fn`` travels as chemfit packs it (:class:`~chemfit.execution.context_tasks.PickledCallable`:
+    ``__main__`` definitions by value when cloudpickle is installed); the arguments travel with
+    the pool's own pickle. References by name into ``__main__`` fail when the pool's workers
+    cannot import it (spawn or forkserver workers of a notebook).
 
     Examples
     --------
+    >>> import threading
     >>> from chemfit.core.context import EvaluateContext
     >>> from chemfit.execution.executors import SerialExecutor
+    >>> lock = threading.Lock()
     >>> try:
-    ...     check_picklable(SerialExecutor(), lambda p, ctx: 0.0, ({"x": 1.0}, EvaluateContext()))
+    ...     check_picklable(SerialExecutor(), lock.acquire, ({"x": 1.0}, EvaluateContext()))
     ... except NotPicklableError as exc:
-    ...     print(str(exc).split(" <")[0])
-    SerialExecutor cannot pickle the function
+    ...     print(str(exc).split(" (")[0])
+    SerialExecutor cannot pickle the method lock.acquire of a lock object
     """
     from multiprocessing.reduction import ForkingPickler
 
+    from chemfit.execution.context_tasks import PickledCallable, main_reachable
+
+    PickledCallable.pack(fn, executor)
     try:
-        ForkingPickler.dumps((fn, first_call))
-        return
+        data = ForkingPickler.dumps(first_call)
     except Exception as exc:
         error = exc
-    candidates: list[tuple[str, Any]] = [(f"the function {short_repr(fn)}", fn)]
+    else:
+        if b"__main__" in data and not main_reachable(executor):
+            raise not_picklable_error(
+                first_call,
+                executor,
+                None,
+                by_name=True,
+                why="the pool sends a call's arguments with plain pickle",
+            )
+        return
+    candidates: list[tuple[str, Any]] = []
     for position, arg in enumerate(first_call[:-1]):
         candidates.append((f"argument {position} of call 0 ({short_repr(arg)})", arg))
     ctx = first_call[-1]
     for key, value in ctx.__getstate__().items():
         candidates.append((f"ctxs[0].{key} ({short_repr(value)})", value))
-    what = "the work of call 0"
+    what = "the arguments of call 0"
     for label, obj in candidates:
         try:
             ForkingPickler.dumps(obj)
