@@ -16,18 +16,30 @@ side and interleaved:
 For each case the report gives the fit's wall time (until ``fit_nevergrad`` returns, and with
 the final frame), the wall-time overhead relative to ``none`` (min and median over repeats;
 on a busy machine this is dominated by timing noise), the frames drawn while the fit ran, the
-time they took as a fraction of the fit's time (the plotting cost itself), and the final frame
-drawn after the fit. Target: plotting < 5 % of the fit.
+time they took as a fraction of the fit's time (the plotting cost itself), the first-frame
+latency (from the first evaluation to the end of the first frame that shows it), the longest
+gap between frames while the fit ran, and the final frame drawn after the fit. Targets: the
+first frame within 1 s, a frame at least every 2 s, plotting < 5 % of the fit.
 
-Usage: ``python benchmarks/bench_live_plot.py [--repeats N] [--budget B] [--optimizer NAME]``
+``frame_cost`` then gives what one frame costs on each backend with 100, 10k and 100k
+evaluations in the plot (min and median over repeats): the first frame with data after
+``reset`` (it sets the loss axis' limits, so it redraws that axes) and a steady frame (one new
+evaluation: only the data are drawn, thinned to at most ``max_points`` points).
+
+Usage: ``python benchmarks/bench_live_plot.py [--repeats N] [--budget B] [--optimizer NAME]
+[--cases none,png,ipympl,dashboard] [--sizes 100,10000,100000]``
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import logging
+import math
 import queue
+import random
 import statistics
 import threading
 import time
@@ -86,6 +98,10 @@ def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
         fitter.fit_nevergrad(**kwargs)
         fit = time.perf_counter() - start
         return {"fit": fit, "total": fit, "frames": 0, "draw_s": 0.0, "final_s": 0.0}
+    first_record: list[float] = []
+    fitter.register_evaluation_callback(
+        lambda record: first_record or first_record.append(time.perf_counter())
+    )
     if case == "dashboard":
         dash = FitDashboard(
             fitter,
@@ -106,6 +122,8 @@ def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
             "frames": dash.plot.draw_count - 1,
             "draw_s": dash.plot.draw_seconds - final,
             "final_s": final,
+            "latency": dash.plot.first_frame_latency,
+            "max_gap": _max_gap(dash.plot, first_record, start + fitter.result.wall_time),
         }
         dash.close()
         return out
@@ -121,6 +139,7 @@ def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
     fitter.fit_nevergrad(**kwargs)
     fit = time.perf_counter() - start
     frames, drawing = plot.draw_count, plot.draw_seconds  # frames drawn while the fit ran
+    max_gap = _max_gap(plot, first_record, start + fit)
     plot.finish()
     if front_end is not None:
         front_end.drain()
@@ -131,6 +150,8 @@ def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
         "frames": frames,
         "draw_s": drawing,
         "final_s": plot.draw_seconds - drawing,
+        "latency": plot.first_frame_latency,
+        "max_gap": max_gap,
     }
     if front_end is not None:
         front_end.close()
@@ -138,8 +159,72 @@ def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
     return out
 
 
+def _max_gap(plot, first_record: list[float], end: float) -> float:
+    """The longest time without a frame, from the first evaluation to the fit's end."""
+    if not first_record:
+        return math.nan
+    times = [first_record[0]] + [f.at for f in plot.frames if first_record[0] < f.at < end]
+    return max(b - a for a, b in itertools.pairwise([*times, end]))
+
+
 def _summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"min": None, "median": None}
     return {"min": min(values), "median": statistics.median(values)}
+
+
+def _frame_costs_once(backend: str, n: int, seed: int) -> tuple[float, list[float], int]:
+    """(first frame, steady frames, points drawn) of one plot fed ``n`` evaluations."""
+    from chemfit_widgets import LivePlot
+
+    rng = random.Random(seed)
+    plot = LivePlot(backend=backend, min_interval=3600.0)  # frames only when asked for
+    front_end = _FrontEnd(plot._canvas) if backend == "ipympl" else None
+    plot.reset(expected=n, names=["x", "y"], bounds={"x": (-5, 5), "y": (-5, 5)})
+    if front_end is not None:
+        front_end.drain()  # the empty frame of reset
+
+    def draw() -> None:
+        plot.redraw()
+        if front_end is not None:
+            front_end.drain()
+
+    def add(i: int) -> None:
+        x, y = rng.gauss(0, 1), rng.gauss(0, 1)
+        plot._append(((x * x + y * y) / math.sqrt(i + 1), False, {"x": x, "y": y}, None))
+
+    add(0)
+    draw()
+    first = plot.frames[-1].seconds
+    for i in range(1, n):
+        add(i)
+    draw()  # converts the n records; may redraw axes
+    draw()
+    steady = []
+    for i in range(n, n + 10):
+        add(i)
+        draw()
+        steady.append(plot.frames[-1].seconds)
+    points = plot.frames[-1].points
+    if front_end is not None:
+        front_end.close()
+    plot.close()
+    return first, steady, points
+
+
+def _frame_costs(backend: str, n: int, repeats: int) -> dict:
+    """The first frame with data after reset, and a steady frame, with ``n`` evaluations."""
+    first, steady, points = [], [], 0
+    for repeat in range(repeats):
+        one, more, points = _frame_costs_once(backend, n, repeat)
+        first.append(one)
+        steady.extend(more)
+    return {
+        "first_frame_s": _summary(first),
+        "steady_frame_s": _summary(steady),
+        "points_drawn": points,
+    }
 
 
 def main() -> None:
@@ -148,6 +233,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--optimizer", default="OnePlusOne")
     parser.add_argument("--cases", default="none,png,ipympl,dashboard")
+    parser.add_argument("--sizes", default="100,10000,100000")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     cases = args.cases.split(",")
@@ -189,7 +275,16 @@ def main() -> None:
             "drawing_fraction_of_fit": _summary([r["draw_s"] / r["fit"] for r in runs[case]]),
             "final_frame_s": _summary([r["final_s"] for r in runs[case]]),
             "final_frame_fraction_of_fit": _summary([r["final_s"] / r["fit"] for r in runs[case]]),
+            "first_frame_latency_s": _summary([r["latency"] for r in runs[case]]),
+            "max_gap_between_frames_s": _summary([r["max_gap"] for r in runs[case]]),
         }
+    backends = ["png"] + (["ipympl"] if importlib.util.find_spec("ipympl") else [])
+    report["frame_cost"] = {
+        backend: {
+            n: _frame_costs(backend, n, args.repeats) for n in map(int, args.sizes.split(","))
+        }
+        for backend in backends
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -136,7 +136,8 @@ def test_picker_shows_the_fields_of_the_kind_and_runs_a_thread_pool():
     assert picker.state == "running" and "3 threads workers" in picker.message
     assert isinstance(picker.executor, ThreadPoolExecutor)
     assert picker.executor._max_workers == 3 and picker.num_workers == 3
-    assert picker.kind_dropdown.disabled and picker.start_button.disabled
+    # A running pool stays editable (a change stops it; the next start builds the new one).
+    assert not picker.kind_dropdown.disabled and picker.start_button.disabled
     assert not picker.stop_button.disabled
     executor = picker.executor
     assert list(executor.map(abs, [-1, -2])) == [1, 2]
@@ -290,7 +291,8 @@ def test_picker_runs_a_real_two_engine_mpi_cluster_for_a_fit_and_a_streamed_fit(
     _wait_until(lambda: picker.state == "error", 60, "the status to show the dead engine")
     # (mpiexec ends the other rank too, so usually every engine is gone.)
     assert "stopped or died" in picker.message, picker.message
-    assert "Shut down, then Launch" in picker.message and "Traceback" not in picker.status.value
+    assert "Start fit (or Launch) starts new engines" in picker.message
+    assert "Traceback" not in picker.status.value
     assert not picker.stop_button.disabled
 
     picker.stop_button.click()  # stops in the background
@@ -431,8 +433,8 @@ def test_dashboard_stop_ends_the_fit_cleanly_and_keeps_results():
     assert fitter.evaluation_callbacks == [] and fitter.callbacks == []
     assert not dash.start_button.disabled and dash.stop_button.disabled
 
-    # Start again: a new fit runs to its end.
-    dash.start(budget=20)
+    # New fit: a new fit runs to its end.
+    dash.new_fit(budget=20)
     assert dash.wait(timeout=60).n_evals == 20 and dash.state == "finished"
     dash.close()
     assert dash.picker.state == "stopped"  # its own picker's thread pool is shut down
@@ -456,27 +458,28 @@ def test_dashboard_shows_errors_in_plain_words(monkeypatch):
     # The fitter's own ERROR log line is shown as text, without its traceback.
     assert any("the objective raised" in line for line in dash.warnings)
 
-    dash.start(budget=5, optimizer="NoSuchOptimizer")
-    dash.wait(timeout=60)
-    assert dash.state == "error" and "UnknownOptimizerError" in dash.message
-    assert "closest names" in dash.message or "common choices" in dash.message
+    with pytest.raises(ValueError, match="common choices"):
+        dash.start(budget=5, optimizer="NoSuchOptimizer")
+    dash.optimizer_input.value = "OnePlusOen"
+    dash.start_button.click()
+    assert dash.state == "error" and not dash.running
+    assert "the optimizer 'OnePlusOen'" in dash.message and "closest names" in dash.message
+    dash.optimizer_input.value = "OnePlusOne"
 
-    # A lambda cannot go to a stdlib process pool: said plainly, with the way out.
-    lam = Fitter(lambda p: p["x"] ** 2, {"x": 1.0}, bounds={"x": (-2, 2)})
-    dash_p = FitDashboard(lam, budget=4, kind="process", plot_options={"backend": "png"})
+    # An objective that cannot be sent to worker processes: said plainly, with the way out.
+    locked = Fitter(h.HoldsALock(), {"x": 1.0}, bounds={"x": (-2, 2)})
+    dash_p = FitDashboard(locked, budget=4, kind="loky", plot_options={"backend": "png"})
     dash_p.start()
     dash_p.wait(timeout=60)
     assert dash_p.state == "error" and "NotPicklableError" in dash_p.message
-    assert "loky" in dash_p.message and "Traceback" not in dash_p.message
+    assert "thread pool" in dash_p.message and "Traceback" not in dash_p.message
     dash_p.close()
 
     # Where the executor cannot start, the dashboard says why.
     monkeypatch.setitem(__import__("sys").modules, "mpi4py", None)
-    with pytest.raises(RuntimeError, match="stop them first"):
-        dash.picker.kind = "mpi"
-    dash.picker.stop()
-    dash.picker.kind = "mpi"
-    dash.start(budget=5, optimizer="OnePlusOne")
+    dash.picker.kind = "mpi"  # the serial "pool" is not locked: changing it stops it
+    assert dash.picker.state == "idle"
+    dash.new_fit(budget=5, optimizer="OnePlusOne")
     dash.wait(timeout=60)
     assert dash.state == "error" and "MPI is not installed" in dash.message
     dash.close()
@@ -489,7 +492,7 @@ def test_start_click_with_bad_settings_is_reported_in_the_widget():
     dash.start_button.click()
     assert dash.state == "error" and not dash.running
     assert dash.message == (
-        "Starting the fit failed: ValueError: choose an optimizer, e.g. NgIohTuned or OnePlusOne"
+        "Not started: choose an optimizer, e.g. NgIohTuned or OnePlusOne. Nothing was changed"
     )
     with pytest.raises(ValueError):
         dash.start()
