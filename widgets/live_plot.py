@@ -1445,6 +1445,9 @@ class LivePlot(widgets.VBox):
             with self._state_lock:
                 self._last_request = time.perf_counter()
                 self._pending = True
+                # The front end ignores a request while it waits for the previous image: ask
+                # again until the final records are drawn.
+                self._schedule(_PENDING_TIMEOUT)
             self._canvas.draw()
             return
         self.redraw()
