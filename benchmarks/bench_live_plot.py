@@ -38,10 +38,8 @@ import itertools
 import json
 import logging
 import math
-import queue
 import random
 import statistics
-import threading
 import time
 
 from chemfit import Fitter
@@ -55,41 +53,9 @@ def _fitter() -> Fitter:
     return Fitter(_cheap, {"x": 0.0, "y": 0.0}, bounds={"x": (-5, 5), "y": (-5, 5)})
 
 
-class _FrontEnd:
-    """Answers an ipympl canvas's frame requests in a thread, like the browser + kernel do."""
-
-    def __init__(self, canvas) -> None:
-        self.canvas = canvas
-        self.requests: queue.Queue = queue.Queue()
-        original = canvas.send_json
-
-        def send_json(content):
-            if content.get("type") == "draw":
-                self.requests.put(True)
-            else:
-                original(content)
-
-        canvas.send_json = send_json
-        canvas._handle_message(canvas, {"type": "initialized"}, [])
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.requests.get() is not None:
-            self.canvas.manager.handle_json({"type": "draw"})
-            self.requests.task_done()
-        self.requests.task_done()
-
-    def drain(self) -> None:
-        self.requests.join()
-
-    def close(self) -> None:
-        self.requests.put(None)
-        self.thread.join()
-
-
 def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
     from chemfit_widgets import FitDashboard, LivePlot
+    from chemfit_widgets.headless import HeadlessFrontEnd
 
     fitter = _fitter()
     kwargs = {"budget": budget, "optimizer_str": optimizer, "seed": seed, "progress": False}
@@ -128,7 +94,7 @@ def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
         dash.close()
         return out
     plot = LivePlot(backend=case)
-    front_end = _FrontEnd(plot._canvas) if case == "ipympl" else None
+    front_end = HeadlessFrontEnd(plot._canvas) if case == "ipympl" else None
     # As the dashboard does at Start: the clock starts, the panels and axes are set up and the
     # empty frame is drawn (outside the drawing budget; here before the fit's clock starts).
     plot.reset(expected=budget, names=["x", "y"], bounds=fitter.bounds)
@@ -177,10 +143,11 @@ def _summary(values: list[float]) -> dict:
 def _frame_costs_once(backend: str, n: int, seed: int) -> tuple[float, list[float], int]:
     """(first frame, steady frames, points drawn) of one plot fed ``n`` evaluations."""
     from chemfit_widgets import LivePlot
+    from chemfit_widgets.headless import HeadlessFrontEnd
 
     rng = random.Random(seed)
     plot = LivePlot(backend=backend, min_interval=3600.0)  # frames only when asked for
-    front_end = _FrontEnd(plot._canvas) if backend == "ipympl" else None
+    front_end = HeadlessFrontEnd(plot._canvas) if backend == "ipympl" else None
     plot.reset(expected=n, names=["x", "y"], bounds={"x": (-5, 5), "y": (-5, 5)})
     if front_end is not None:
         front_end.drain()  # the empty frame of reset

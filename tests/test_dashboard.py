@@ -30,14 +30,6 @@ def _dashboard(fitter: Fitter, **options) -> FitDashboard:
     return FitDashboard(fitter, **options)
 
 
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _shown(dash: FitDashboard) -> dict:
     """What the page shows of the fit: plot data, table, best loss, progress, result."""
     return {
@@ -52,7 +44,7 @@ def _shown(dash: FitDashboard) -> dict:
 
 
 def _stop_after(dash: FitDashboard, n: int) -> None:
-    _wait_until(lambda: dash.plot.n_records >= n, 60, f"{n} evaluations")
+    h.wait_until(lambda: dash.plot.n_records >= n, 60, f"{n} evaluations")
     dash.stop_button.click()
     dash.wait(timeout=60)
     assert dash.state == "stopped", dash.message
@@ -262,7 +254,7 @@ def test_a_loky_pool_whose_worker_died_is_rebuilt_by_the_next_start():
         old = picker.executor
         workers = list(old._processes)
         psutil.Process(workers[0]).kill()
-        _wait_until(lambda: picker.state == "error", 10, "the picker to see the dead worker")
+        h.wait_until(lambda: picker.state == "error", 10, "the picker to see the dead worker")
         assert picker.message.startswith("Broken: "), picker.message
         assert "builds a new pool" in picker.message
         assert "Ready" not in picker.status.value and "#d32f2f" in picker.status.value

@@ -18,14 +18,6 @@ from chemfit_widgets.executor_picker import executor_problem  # noqa: E402
 from tests import widget_helpers as h  # noqa: E402
 
 
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
@@ -60,7 +52,7 @@ def test_executor_problem_reads_broken_and_closed_pools():
         assert stdlib.submit(abs, -1).result(timeout=30) == 1
         assert executor_problem(stdlib) is None
         psutil.Process(next(iter(stdlib._processes))).kill()
-        _wait_until(lambda: executor_problem(stdlib) is not None, 10, "the pool to break")
+        h.wait_until(lambda: executor_problem(stdlib) is not None, 10, "the pool to break")
         assert "terminated abruptly" in executor_problem(stdlib)
     finally:
         stdlib.shutdown(wait=True)
@@ -70,7 +62,7 @@ def test_executor_problem_reads_broken_and_closed_pools():
         assert pool.submit(abs, -1).result(timeout=30) == 1
         assert executor_problem(pool) is None
         psutil.Process(next(iter(pool._processes))).kill()
-        _wait_until(lambda: executor_problem(pool) is not None, 10, "loky to flag the pool")
+        h.wait_until(lambda: executor_problem(pool) is not None, 10, "loky to flag the pool")
         assert "unexpectedly terminated" in executor_problem(pool)
     finally:
         pool.shutdown(wait=True, kill_workers=True)
@@ -162,7 +154,7 @@ def test_an_ipyparallel_cluster_whose_engines_died_is_broken_and_restarted_by_st
 
         for pid in old.engine_pids:
             psutil.Process(pid).kill()
-        _wait_until(lambda: picker.state == "error", 60, "the picker to see the dead engine")
+        h.wait_until(lambda: picker.state == "error", 60, "the picker to see the dead engine")
         assert picker.message == (
             "Broken: every engine has stopped or died. Start fit (or Launch) starts new engines"
         )

@@ -8,7 +8,6 @@ machine; the strict figures are in ``benchmarks/bench_live_plot.py``.
 
 from __future__ import annotations
 
-import queue
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from chemfit.core.combined import CombinedObjectiveFunction
 from chemfit.core.labels import term_label, term_labels
 from chemfit.core.wrapping import WrappedObjectiveFunctor, WrappedQuantityComputer
 from chemfit_widgets import LivePlot
+from chemfit_widgets.headless import HeadlessFrontEnd
 from chemfit_widgets.live_plot import thin_indices
 from tests import widget_helpers as h
 
@@ -36,34 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIRST_FRAME_S = 1.0  # the promise: the first frame within 1 s of the first evaluation
 MAX_GAP_S = 3.0  # frames every 2 s at most; +1 s for a loaded machine
-
-
-class FrontEnd:
-    """Answers an ipympl canvas's frame requests in a thread, as the browser and kernel do."""
-
-    def __init__(self, canvas) -> None:
-        self.canvas = canvas
-        self.requests: queue.Queue = queue.Queue()
-        original = canvas.send_json
-
-        def send_json(content):
-            if content.get("type") == "draw":
-                self.requests.put(True)
-            else:
-                original(content)
-
-        canvas.send_json = send_json
-        canvas._handle_message(canvas, {"type": "initialized"}, [])
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.requests.get() is not None:
-            self.canvas.manager.handle_json({"type": "draw"})
-
-    def close(self) -> None:
-        self.requests.put(None)
-        self.thread.join(timeout=30)
 
 
 def _fitter(objective=h.slow_quadratic) -> Fitter:
@@ -127,7 +99,7 @@ def test_ipympl_plot_draws_the_first_evaluation_at_once_then_every_two_seconds_a
         lambda record: first_record or first_record.append(time.perf_counter())
     )
     plot = LivePlot(backend="ipympl")
-    front_end = FrontEnd(plot._canvas)
+    front_end = HeadlessFrontEnd(plot._canvas)
     try:
         plot.reset(expected=500, names=["x", "y"], bounds=fitter.bounds)
         plot.attach(fitter)
@@ -189,7 +161,7 @@ def test_ipympl_draws_a_first_evaluation_that_came_during_the_empty_frame_right_
             plot.on_evaluation(_record(0))  # while this (empty) frame is being drawn
         return shown
 
-    front_end = FrontEnd(plot._canvas)
+    front_end = HeadlessFrontEnd(plot._canvas)
     try:
         plot._sync = sync_then_a_record_arrives
         plot.reset(expected=10, names=["x"])  # asks the front end for the empty frame

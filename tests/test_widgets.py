@@ -42,14 +42,6 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _gone(pids, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -288,7 +280,7 @@ def test_picker_runs_a_real_two_engine_mpi_cluster_for_a_fit_and_a_streamed_fit(
 
     # The status stays live: an engine that dies shows up in the widget, in plain words.
     psutil.Process(engine_pids[0]).kill()
-    _wait_until(lambda: picker.state == "error", 60, "the status to show the dead engine")
+    h.wait_until(lambda: picker.state == "error", 60, "the status to show the dead engine")
     # (mpiexec ends the other rank too, so usually every engine is gone.)
     assert "stopped or died" in picker.message, picker.message
     assert "Start fit (or Launch) starts new engines" in picker.message
@@ -296,7 +288,7 @@ def test_picker_runs_a_real_two_engine_mpi_cluster_for_a_fit_and_a_streamed_fit(
     assert not picker.stop_button.disabled
 
     picker.stop_button.click()  # stops in the background
-    _wait_until(lambda: picker.state == "stopped", 60, "the cluster to stop")
+    h.wait_until(lambda: picker.state == "stopped", 60, "the cluster to stop")
     assert picker.message == "Stopped"
     assert _gone(engine_pids), "engines still running after Shut down"
     assert _gone(_children() - before), "processes left after Shut down"
@@ -376,7 +368,7 @@ def test_live_plot_throttles_and_catches_up_when_records_stop():
     assert plot.draw_count <= 1 + elapsed / 2.0, (plot.draw_count, elapsed)
     assert elapsed / 500 < 0.002, f"{1e3 * elapsed / 500:.2f} ms per record"
     # No more records: the throttled frame still comes, with all 500 of them.
-    _wait_until(lambda: plot._drawn == 500, 10, "the catch-up frame")
+    h.wait_until(lambda: plot._drawn == 500, 10, "the catch-up frame")
     with plot._draw_lock:  # held until that frame's PNG is in the widget
         pass
     assert bytes(plot._image.value) != first_image
@@ -420,7 +412,7 @@ def test_dashboard_stop_ends_the_fit_cleanly_and_keeps_results():
     threads_before = {t.name for t in threading.enumerate()}
     dash.start_button.click()
     assert dash.running and dash.start_button.disabled and not dash.stop_button.disabled
-    _wait_until(lambda: dash.plot.n_records >= 20, 60, "20 evaluations")
+    h.wait_until(lambda: dash.plot.n_records >= 20, 60, "20 evaluations")
     dash.stop_button.click()  # returns at once; the fit ends once the evaluations in flight end
     result = dash.wait(timeout=60)
     assert dash.state == "stopped", dash.message

@@ -11,6 +11,15 @@ from chemfit.core.context import EvaluateContext
 from chemfit.core.objectives import ObjectiveFunctor, ensure_context
 
 
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll ``condition()`` every 50 ms; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
 def quadratic(parameters: dict) -> float:
     """A 2-D quadratic with its minimum 0 at (1, -0.5)."""
     return (parameters["x"] - 1.0) ** 2 + (parameters["y"] + 0.5) ** 2
