@@ -150,3 +150,43 @@ def slow_quadratic(params: dict) -> float:
     """:func:`quadratic` after 20 ms, so that a fit runs long enough to be stopped."""
     time.sleep(0.02)
     return quadratic(params)
+
+
+class InterruptOnce:
+    """The quadratic; the ``at``-th call (1-based, across threads) raises KeyboardInterrupt,
+    like a Ctrl-C arriving during that evaluation. Every other call returns normally."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, params: dict) -> float:
+        with self._lock:
+            self.calls += 1
+            interrupt = self.calls == self.at
+        if interrupt:
+            raise KeyboardInterrupt
+        return quadratic(params)
+
+
+def stop_after(fitter, n_records: int) -> threading.Thread:
+    """A thread that calls ``fitter.request_stop()`` once ``n_records`` more evaluations were
+    told (as a dashboard's Stop button does); its evaluation callback stays registered."""
+    told = threading.Event()
+    seen = []
+
+    def on_record(record) -> None:
+        seen.append(record)
+        if len(seen) >= n_records:
+            told.set()
+
+    fitter.register_evaluation_callback(on_record)
+
+    def stopper() -> None:
+        if told.wait(30):
+            fitter.request_stop()
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    return thread

@@ -456,6 +456,52 @@ def test_fit_scipy_rejects_a_method_that_ignores_bounds():
     assert counter.calls > 0
 
 
+@pytest.mark.parametrize(
+    ("method", "closest"),
+    [
+        ("L-BFGS", "(closest names: L-BFGS-B, BFGS);"),
+        ("lbfgsb", "closest names: L-BFGS-B"),
+        ("Nelder Mead", "(closest names: Nelder-Mead);"),
+        ("SLSQ", "(closest names: SLSQP);"),
+        ("simplex", "is not a scipy.optimize.minimize method; valid methods: Nelder-Mead, "),
+    ],
+)
+def test_fit_scipy_checks_the_method_name_first(method, closest):
+    """A misspelt method fails before anything runs (no bounds warning from scipy, no
+    evaluation), naming the value, the closest names and the valid ones."""
+    import warnings
+
+    counter = h.CountingObjective()
+    fitter = Fitter(counter, {"x": 0.0, "y": 0.0}, bounds={"x": (-1.0, 1.0)})
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError) as info:
+        warnings.simplefilter("always")
+        fitter.fit_scipy(method=method)
+    message = str(info.value)
+    assert message.startswith(f"method {method!r} is not a scipy.optimize.minimize method")
+    assert closest in message and "trust-constr" in message and "a callable" in message
+    assert caught == [] and counter.calls == 0 and fitter.result is None
+
+
+@pytest.mark.timeout(30)
+def test_fit_scipy_method_names_ignore_case_and_custom_minimizers_work():
+    from scipy.optimize import OptimizeResult
+
+    fitter = quad_fitter(bounds={"x": (-4.0, 4.0), "y": (-4.0, 4.0)})
+    fitter.fit_scipy(method="nelder-mead")
+    assert fitter.result.best_loss < 1e-3 and fitter.result.optimizer == "nelder-mead"
+
+    def coordinate_grid(fun, x0, args=(), bounds=None, callback=None, **options):
+        """A custom minimizer: the best of a coarse grid inside the bounds."""
+        grid = np.linspace(-3.0, 3.0, 13)
+        best = min((fun(np.array([a, b])), (a, b)) for a in grid for b in grid)
+        return OptimizeResult(x=np.array(best[1]), fun=best[0], success=True, nit=1)
+
+    params = fitter.fit_scipy(method=coordinate_grid)
+    assert params == {"x": 1.0, "y": -2.0} and fitter.result.optimizer == "coordinate_grid"
+    with pytest.raises(TypeError, match="method must be the name of a scipy"):
+        fitter.fit_scipy(method=3)
+
+
 @pytest.mark.parametrize("n_steps", [0, -1, 1.5, True])
 def test_register_callback_rejects_bad_n_steps(n_steps):
     with pytest.raises(ValueError, match="n_steps"):

@@ -1,8 +1,8 @@
 """Exceptions raised by chemfit.
 
 Every exception subclasses a builtin (``ValueError``, ``TypeError``, ``RuntimeError``,
-``TimeoutError``) so that code written against upstream chemfit, which raised the builtins,
-keeps catching them.
+``TimeoutError``, ``KeyboardInterrupt``) so that code written against upstream chemfit, which
+raised the builtins, keeps catching them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ __all__ = [
     "ComputeError",
     "ComputeTimeoutError",
     "ExternalProgramError",
+    "FitInterrupted",
     "NotPicklableError",
     "RemoteEvaluationError",
     "UnknownOptimizerError",
@@ -152,3 +153,34 @@ class ExternalProgramError(RuntimeError):
         self.returncode = returncode
         self.stderr_tail = stderr_tail
         self.workdir = workdir
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """A ``KeyboardInterrupt`` (Ctrl-C, a kernel interrupt) ended a fit; what it evaluated is kept.
+
+    The fitter raises it from the original interrupt once ``fitter.result`` holds the
+    evaluations so far. It is a ``KeyboardInterrupt``, so code that catches those keeps
+    working. IPython and Jupyter show it as its one-line message instead of a traceback.
+
+    Attributes
+    ----------
+    result : FitResult or None
+        The fitter's ``result`` at the interrupt.
+
+    Examples
+    --------
+    >>> exc = FitInterrupted("fit interrupted after 3 evaluations; they are kept in ...")
+    >>> isinstance(exc, KeyboardInterrupt), exc._render_traceback_()
+    (True, ['KeyboardInterrupt: fit interrupted after 3 evaluations; they are kept in ...'])
+    """
+
+    def __init__(self, message: str, *, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook: the lines shown instead of the traceback (one line here)."""
+        return [f"KeyboardInterrupt: {self}"]

@@ -5,7 +5,9 @@ reset context (R6); the context's result state carries the evaluation count and 
 seen, so the best-so-far survives thread, process and remote workers (R1). Every told evaluation
 becomes an :class:`~chemfit.fitting.results.EvaluationRecord`, and each fit leaves a
 :class:`~chemfit.fitting.results.FitResult` in ``fitter.result`` - also when an exception or a
-``KeyboardInterrupt`` ends it, before that propagates.
+``KeyboardInterrupt`` ends it, before that propagates (an interrupt as
+:class:`~chemfit.core.exceptions.FitInterrupted`). ``fit_nevergrad(resume=True)`` continues
+the previous fit: its result then covers both.
 
 The parts live in small modules: :mod:`~chemfit.fitting.fitter_context` (the context and the
 objective wrapper, re-exported here), :mod:`~chemfit.fitting.parameter_space` (parameters and
@@ -27,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from chemfit.core.context import ExecutorLike
+from chemfit.core.exceptions import FitInterrupted
+from chemfit.core.flatdict import flatten_dict
 from chemfit.core.objectives import ObjectiveFunctor
 from chemfit.core.utils import check_params_near_bounds
 from chemfit.core.wrapping import WrappedObjectiveFunctor
@@ -40,6 +44,7 @@ from chemfit.fitting.fitter_context import (
 )
 from chemfit.fitting.nevergrad_loop import NevergradLoop, quiet_cma_injections
 from chemfit.fitting.optimizer_lookup import (
+    check_scipy_method,
     delegates_to_scipy,
     drops_early_tells,
     nevergrad_optimizer_class,
@@ -286,7 +291,9 @@ class Fitter:
         mode: str | None = None,
         seed: int | None = None,
         record_meta: bool = True,
+        previous: FitResult | None = None,
     ) -> FitSession:
+        """Open the session of a new fit; with ``previous``, one that continues that result."""
         num_workers = _check_count("num_workers", num_workers)
         ctx_list = worker_contexts(num_workers, contexts)
         resolved = as_executor(executor)
@@ -301,7 +308,8 @@ class Fitter:
         self.contexts = ctx_list
         self._hook_pre_fit()
         self._stop.clear()  # a request from before this fit does not end it
-        self._session = FitSession(
+        self._session = FitSession.continuing(
+            previous,
             num_workers=num_workers,
             executor=resolved,
             owned_executor=owned,
@@ -312,7 +320,6 @@ class Fitter:
             seed=seed,
             record_meta=bool(record_meta),
             t0=time.perf_counter(),
-            start_evals=[ctx.n_evals for ctx in ctx_list],
         )
         return self._session
 
@@ -453,10 +460,10 @@ class Fitter:
             if session.pending:
                 session.flush(session.step, self.evaluation_callbacks)
             if opt_params is None:
-                best = best_context(self.contexts)
+                best = self._best_so_far(session)
                 if best is not None:
-                    opt_params = best.opt_params
-                elif session.evaluations_since_start(self.contexts) > 0:
+                    opt_params = best[1]
+                elif session.n_evals > 0:
                     logger.warning(
                         "every evaluation was penalised; returning the initial parameters"
                     )
@@ -470,7 +477,9 @@ class Fitter:
             self._hook_post_fit(params)
             self.result = self._build_result(session, params)
         except BaseException as exc:
-            self._abort(session, exc)
+            interrupted = self._abort(session, exc)
+            if interrupted is not None:
+                raise interrupted from exc
             raise
         session.shutdown_pool(wait_for_tasks=True)
         self._session = None
@@ -484,23 +493,31 @@ class Fitter:
         interrupted: bool = False,
         error: str | None = None,
     ) -> FitResult:
-        best = best_context(self.contexts)
+        best = self._best_so_far(session)
         if best is not None:
-            best_params = float_tree(best.opt_params)
-            best_loss = float(best.opt_loss)
-            best_meta = copy.deepcopy(best.opt_meta) if best.opt_meta is not None else {}
+            best_loss, best_params, best_meta = best
+            best_params, best_meta = float_tree(best_params), copy.deepcopy(best_meta)
         else:
             best_params, best_loss, best_meta = copy.deepcopy(params), math.inf, {}
-        n_evals = session.evaluations_since_start(self.contexts)
+        # Counted from the history, the result agrees with it also when an interrupt leaves
+        # evaluations untold. A resumed result's own evaluations are replayed, not observations.
+        n_evals = session.n_evals
+        n_observations = session.n_observations - session.n_resumed
         end = self.time_fit_end if self.time_fit_end is not None else time.time()
+        wall_time = end - (self.time_fit_start or end)
+        previous = session.previous
+        if previous is not None:
+            n_evals += previous.n_evals
+            n_observations += previous.n_observations
+            wall_time += previous.wall_time
         return FitResult(
             parameters=params,
             best_parameters=best_params,
             best_loss=best_loss,
             best_meta=best_meta,
-            n_evals=n_evals - session.n_observations,
-            n_observations=session.n_observations,
-            wall_time=end - (self.time_fit_start or end),
+            n_evals=n_evals,
+            n_observations=n_observations,
+            wall_time=wall_time,
             history=session.history,
             backend=session.backend,
             optimizer=session.optimizer,
@@ -513,15 +530,31 @@ class Fitter:
             stopped=session.stopped,
         )
 
-    def _abort(self, session: FitSession, exc: BaseException) -> None:
-        """Keep the best so far in ``result`` and release the owned pool (R13)."""
+    def _best_so_far(self, session: FitSession) -> tuple[float, dict, dict] | None:
+        """``(loss, parameters, meta)`` of the session's best record or observation; the meta
+        comes from the workers' contexts when records keep none (``record_meta=False``)."""
+        best = session.best()
+        if best is None or best[2] is not None:
+            return best
+        ctx = best_context(self.contexts)
+        meta = ctx.opt_meta if ctx is not None and ctx.opt_loss == best[0] else None
+        return best[0], best[1], meta if meta is not None else {}
+
+    def _abort(self, session: FitSession, exc: BaseException) -> FitInterrupted | None:
+        """Keep the best so far in ``result`` and release the owned pool (R13).
+
+        Returns the :class:`FitInterrupted` to raise from ``exc`` when ``exc`` is a plain
+        ``KeyboardInterrupt``; any other exception propagates as it is.
+        """
         try:
             self.time_fit_end = time.time()
-            best = best_context(self.contexts)
-            if best is not None:
-                params = float_tree(best.opt_params)
-            else:
-                params = float_tree(self.initial_parameters)
+            if session.pending:  # evaluated, not yet told: an interrupt came between the two
+                try:
+                    session.flush(session.step, self.evaluation_callbacks)
+                except Exception:
+                    logger.debug("an evaluation callback failed on the last records", exc_info=True)
+            best = self._best_so_far(session)
+            params = float_tree(best[1] if best is not None else self.initial_parameters)
             interrupted = isinstance(exc, KeyboardInterrupt)
             self.result = self._build_result(
                 session,
@@ -532,6 +565,42 @@ class Fitter:
         finally:
             session.shutdown_pool(wait_for_tasks=False)
             self._session = None
+        if not isinstance(exc, KeyboardInterrupt) or isinstance(exc, FitInterrupted):
+            return None
+        return FitInterrupted(self._interrupt_message(), result=self.result)
+
+    def _interrupt_message(self) -> str:
+        """One line: how many evaluations the interrupted fit kept, where, and the best loss."""
+        result = self.result
+        if result is None or result.n_evals == 0:
+            return "fit interrupted before any evaluation finished; nothing was evaluated"
+        from chemfit.fitting.callbacks import CheckpointBestParameters, JSONLinesHistory
+
+        files = [str(f.path) for f in self.evaluation_callbacks if isinstance(f, JSONLinesHistory)]
+        checkpoints = [
+            str(f.path) for f, _ in self.callbacks if isinstance(f, CheckpointBestParameters)
+        ]
+        where = " and ".join(["fitter.result", *files])
+        if math.isfinite(result.best_loss):
+            step = next(
+                (
+                    record.step
+                    for record in result.history
+                    if not record.penalised and record.loss == result.best_loss
+                ),
+                None,
+            )
+            at = f" at step {step}" if step is not None else " (an initial observation)"
+            best = f"best loss {result.best_loss:.6g}{at}"
+        else:
+            best = "no finite, unpenalised loss yet"
+        if checkpoints:
+            best += f"; best parameters checkpointed in {' and '.join(checkpoints)}"
+        n = result.n_evals
+        return (
+            f"fit interrupted after {n} evaluation{'s' if n != 1 else ''}; "
+            f"{'they are' if n != 1 else 'it is'} kept in {where} ({best})"
+        )
 
     # -- nevergrad ----------------------------------------------------------------------------
 
@@ -548,6 +617,7 @@ class Fitter:
         seed: int | None = None,
         progress: bool | None = None,
         record_meta: bool = True,
+        resume: bool = False,
     ) -> dict:
         """Minimise with a nevergrad optimizer; returns its recommendation as nested floats.
 
@@ -566,15 +636,34 @@ class Fitter:
             ``num_workers > 1``, the fitter owns a thread pool.
         initial_observations : iterable of (dict, float or None), optional
             Earlier evaluations told before the budget starts (see ``load_observations``).
+            With ``resume=True`` they are told after the previous fit's evaluations.
         mode : {"batch", "async"}
             ``"batch"``: ask ``num_workers`` candidates, evaluate, tell all, run callbacks.
             ``"async"``: keep ``num_workers`` evaluations in flight, tell each as it arrives.
         seed : int, optional
             Seeds the parametrization's random state (reproducible batch fits).
         progress : bool, optional
-            Show a progress bar on stderr; ``None`` shows it when stderr is a terminal.
+            Show a progress bar with the best loss: a widget in a Jupyter notebook, else on
+            stderr. ``None`` shows it in a notebook (unless the fit runs in a background
+            thread) and when stderr is a terminal.
         record_meta : bool
             Keep a deep copy of each evaluation's meta in its record.
+        resume : bool
+            Continue the previous fit of this fitter (``fitter.result``: finished, stopped,
+            interrupted or failed; from ``fit_nevergrad``, ``fit_scipy`` or ``finish``). Its
+            evaluations are kept and told to the new optimizer like ``initial_observations``
+            (where the optimizer can learn from them; otherwise it continues from the best
+            point so far). ``budget`` counts the new evaluations; new records continue the
+            history's ``index``, ``step`` and ``time``, and the evaluation callbacks see only
+            them. ``result`` then covers the whole session: both parts' history, ``n_evals``
+            and ``wall_time`` added up, the best over both; ``stopped``, ``interrupted``,
+            ``error`` and ``parameters`` describe the new part. Without a previous result it
+            is a fresh fit.
+
+        Raises
+        ------
+        FitInterrupted
+            A ``KeyboardInterrupt`` ended the fit; ``result`` holds the evaluations so far.
 
         Examples
         --------
@@ -582,6 +671,10 @@ class Fitter:
         >>> params = fitter.fit_nevergrad(budget=30, optimizer_str="OnePlusOne", seed=0)
         >>> fitter.result.n_evals, abs(params["x"] - 1.0) < 0.3
         (30, True)
+        >>> best = fitter.result.best_loss
+        >>> _ = fitter.fit_nevergrad(budget=10, optimizer_str="OnePlusOne", resume=True)
+        >>> fitter.result.n_evals, fitter.result.history[-1].index, fitter.result.best_loss <= best
+        (40, 39, True)
         """
         budget = _check_count("budget", budget)
         num_workers = _check_count("num_workers", num_workers)
@@ -589,9 +682,13 @@ class Fitter:
             raise ValueError(f"mode must be 'batch' or 'async', got {mode!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
+        if not isinstance(resume, bool):
+            raise TypeError(f"resume must be True or False, got {resume!r}")
         flat, flat_bounds = validate_parameters(self.initial_parameters, self.bounds)
         optimizer_cls = nevergrad_optimizer_class(optimizer_str)
         observations = list(initial_observations) if initial_observations is not None else []
+        previous = self.result if resume else None
+        earlier = self._earlier_evaluations(previous, flat)
 
         session = self._start_session(
             num_workers,
@@ -602,29 +699,35 @@ class Fitter:
             mode=mode,
             seed=None if seed is None else int(seed),
             record_meta=record_meta,
+            previous=previous,
         )
         try:
-            session.bar = progress_bar(progress, budget, f"nevergrad {optimizer_str}")
-            parametrization = nevergrad_parametrization(flat, flat_bounds)
-            if seed is not None:
-                parametrization.random_state.seed(int(seed))
-            replay = usable_observations(observations, flat, flat_bounds)
-            optimizer = optimizer_cls(
-                parametrization=parametrization,
-                budget=budget + len(replay),
-                num_workers=num_workers,
+            session.bar = progress_bar(
+                progress,
+                budget,
+                f"nevergrad {optimizer_str}",
+                initial=len(session.history),
+                best=session.best_told,
             )
+            resumed = usable_observations(earlier, flat, flat_bounds)
+            replay = resumed + usable_observations(observations, flat, flat_bounds)
+            session.n_resumed = len(resumed)
+
+            def make_optimizer(start: dict, told: int) -> Any:
+                parametrization = nevergrad_parametrization(start, flat_bounds)
+                if seed is not None:
+                    parametrization.random_state.seed(int(seed))
+                return optimizer_cls(
+                    parametrization=parametrization, budget=budget + told, num_workers=num_workers
+                )
+
             start = dict(flat)
+            optimizer = make_optimizer(start, len(replay))
             why_not = self._cannot_learn_from(optimizer) if replay else None
             tell_replay = why_not is None
             if not tell_replay:
-                start = self._restart_point(optimizer_str, replay, start, why_not)
-                parametrization = nevergrad_parametrization(flat, flat_bounds)
-                if seed is not None:
-                    parametrization.random_state.seed(int(seed))
-                optimizer = optimizer_cls(
-                    parametrization=parametrization, budget=budget, num_workers=num_workers
-                )
+                start = self._restart_point(optimizer_str, replay, start, why_not, len(resumed))
+                optimizer = make_optimizer(start, 0)
             loop = NevergradLoop(
                 session,
                 optimizer,
@@ -633,10 +736,13 @@ class Fitter:
                 flush=lambda step: session.flush(step, self.evaluation_callbacks),
                 dispatch=lambda step: self._dispatch_step(session, step),
                 stop_requested=self._stop.is_set,
+                first_step=session.step,
             )
             with quiet_cma_injections():
                 loop.replay(replay, float(self.value_bad_params), tell=tell_replay)
-                optimizer.suggest(start)
+                self._carry_best(previous)
+                if not (resumed and tell_replay):  # a told resumed fit goes on from its points
+                    optimizer.suggest(start)
                 if mode == "async" and num_workers > 1:
                     loop.run_async(budget)
                 else:
@@ -644,9 +750,41 @@ class Fitter:
                 recommendation = optimizer.provide_recommendation().value
             opt_params = nested_floats(recommendation.items())
         except BaseException as exc:
-            self._abort(session, exc)
+            interrupted = self._abort(session, exc)
+            if interrupted is not None:
+                raise interrupted from exc
             raise
         return self.finish(opt_params)
+
+    def _earlier_evaluations(
+        self, previous: FitResult | None, flat: Mapping[str, float]
+    ) -> list[tuple[dict, float | None]]:
+        """The evaluations of ``previous`` as ``(parameters, loss)`` observations to replay
+        (``None`` for a penalised one), checked against the parameters fitted now."""
+        if previous is None or not len(previous.history):
+            return []
+        fitted = sorted(flatten_dict(previous.history[0].parameters))
+        if fitted != sorted(flat):
+            raise ValueError(
+                f"resume=True continues fitter.result, which fitted the parameters {fitted}, "
+                f"but the fitter now fits {sorted(flat)}; pass resume=False to start a new fit"
+            )
+        return [
+            (record.parameters, None if record.penalised else record.loss)
+            for record in previous.history
+        ]
+
+    def _carry_best(self, previous: FitResult | None) -> None:
+        """Start the best so far of a resumed fit's contexts (``contexts[0]``, as the step
+        callbacks see it) from the previous result, which covers its observations too."""
+        if previous is None or not math.isfinite(previous.best_loss):
+            return
+        ctx = self.contexts[0]
+        if ctx.opt_loss is None or previous.best_loss <= ctx.opt_loss:
+            ctx.opt_params = copy.deepcopy(previous.best_parameters)
+            ctx.opt_meta = copy.deepcopy(previous.best_meta)
+            ctx.opt_quantities = None
+            ctx.opt_loss = previous.best_loss
 
     def _restart_point(
         self,
@@ -654,9 +792,11 @@ class Fitter:
         replay: list[tuple[dict[str, float], Any]],
         start: dict,
         why_not: str,
+        n_resumed: int = 0,
     ) -> dict:
         """The best finite observation, where a fit restarts when its optimizer cannot be told
-        the observations (``why_not`` from :meth:`_cannot_learn_from`)."""
+        the observations (``why_not`` from :meth:`_cannot_learn_from`). The first
+        ``n_resumed`` of ``replay`` are a resumed fit's own evaluations."""
         finite = [
             (float(loss), values)
             for values, loss in replay
@@ -665,6 +805,17 @@ class Fitter:
             and float(loss) < self.value_bad_params
         ]
         best = dict(min(finite, key=lambda item: item[0])[1]) if finite else start
+        if n_resumed == len(replay):
+            # resume=True alone: continuing from the best point is what was asked for.
+            logger.info(
+                "%s %s, so the %d earlier evaluations are kept but not told: the fit continues "
+                "from the best point so far. OnePlusOne, TwoPointsDE or NGOpt can learn from "
+                "them.",
+                optimizer_str,
+                why_not,
+                n_resumed,
+            )
+            return best
         logger.warning(
             "%s %s, so the %d observations are counted but not told: the fit restarts from "
             "the best observed point. Use OnePlusOne, TwoPointsDE or NGOpt to let the "
@@ -707,6 +858,9 @@ class Fitter:
         iteration is one step for the callbacks. ``kwargs`` go to ``minimize``; ``bounds`` and
         ``callback`` are not accepted there (use ``Fitter(bounds=...)`` and
         ``register_callback``). The best point evaluated is in ``result.best_parameters``.
+        ``method`` is checked first: a name (case ignored, as scipy does) of a ``minimize``
+        method, a callable (a custom minimizer) or ``None``. An interrupt raises
+        :class:`~chemfit.core.exceptions.FitInterrupted` once ``result`` is set.
 
         Examples
         --------
@@ -717,7 +871,12 @@ class Fitter:
         Traceback (most recent call last):
         ...
         ValueError: method 'BFGS' ignores bounds, but the fitter has bounds for ['x']; use a method that supports them (L-BFGS-B, TNC, SLSQP, Powell, Nelder-Mead, trust-constr, COBYLA) or remove the bounds
+        >>> fitter.fit_scipy(method="Nelder Mead")
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'Nelder Mead' is not a scipy.optimize.minimize method (closest names: Nelder-Mead); valid methods: Nelder-Mead, Powell, CG, BFGS, Newton-CG, L-BFGS-B, TNC, COBYLA, COBYQA, SLSQP, trust-constr, dogleg, trust-ncg, trust-exact, trust-krylov, or a callable (a custom minimizer)
         """
+        check_scipy_method(method)
         for name, fix in (("bounds", "Fitter(bounds=...)"), ("callback", "register_callback")):
             if name in kwargs:
                 raise TypeError(
@@ -778,6 +937,8 @@ class Fitter:
                     logger.warning("scipy %s did not converge: %s", session.optimizer, res.message)
                 opt_params = nested_floats(zip(keys, res.x))
         except BaseException as exc:
-            self._abort(session, exc)
+            interrupted = self._abort(session, exc)
+            if interrupted is not None:
+                raise interrupted from exc
             raise
         return self.finish(opt_params)

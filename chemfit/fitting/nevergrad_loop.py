@@ -109,13 +109,15 @@ class NevergradLoop:
     stop_requested : callable, optional
         Polled between evaluations; once it returns true, no new candidate is asked, the
         evaluations in flight are told, and the loop returns (``session.stopped`` is set).
+    first_step : int
+        The index of the loop's first step (a resumed fit continues the earlier steps).
 
     Examples
     --------
     >>> import nevergrad as ng
     >>> from chemfit.fitting.fitter_context import FitterEvaluateContext, FitterObjectiveFunctor
     >>> session = FitSession(1, None, None, None, "nevergrad", "OnePlusOne", "batch", None, True,
-    ...                      0.0, [0])
+    ...                      0.0)
     >>> optimizer = ng.optimizers.OnePlusOne(ng.p.Dict(x=ng.p.Scalar(0.0)), budget=3)
     >>> steps = []
     >>> loop = NevergradLoop(session, optimizer, [FitterEvaluateContext()],
@@ -133,6 +135,7 @@ class NevergradLoop:
     flush: Callable[[int], None]
     dispatch: Callable[[int], None]
     stop_requested: Callable[[], bool] = lambda: False
+    first_step: int = 0
 
     def _should_stop(self) -> bool:
         if self.stop_requested():
@@ -162,6 +165,8 @@ class NevergradLoop:
                 optimizer.tell(candidate, told)
             ctx.n_evals += 1
             self.session.n_observations += 1
+            if not penalised:
+                self.session.observe(told, unflatten_dict(dict(values)), {})
             if not penalised and (ctx.opt_loss is None or told < ctx.opt_loss):
                 ctx.opt_params = unflatten_dict(dict(values))
                 ctx.opt_meta = {}
@@ -173,7 +178,7 @@ class NevergradLoop:
     def run_batches(self, budget: int) -> None:
         """Batch mode: ask ``num_workers`` candidates, evaluate, tell all; one step per batch."""
         session, optimizer = self.session, self.optimizer
-        remaining, step = budget, 0
+        remaining, step = budget, self.first_step
         while remaining > 0 and not self._should_stop():
             n = min(session.num_workers, remaining)
             candidates = [optimizer.ask() for _ in range(n)]
@@ -196,20 +201,28 @@ class NevergradLoop:
         return map_with_context(executor, self.objective, [params], ctxs=[ctx])[0]
 
     def _record_in_flight(
-        self, in_flight: dict[Any, tuple[int, Any, dict, int]], step: int, *, quiet: bool = False
+        self,
+        in_flight: dict[Any, tuple[int, Any, dict, int]],
+        step: int,
+        *,
+        quiet: bool = False,
+        wait_running: bool = True,
     ) -> None:
         """After a failure: wait for the evaluations still running and keep those that finish
-        in the history (nothing evaluated is lost), then forget them. With ``quiet``, an
-        evaluation callback that raises again while they are recorded is only logged (the
-        caller is already raising the first error)."""
+        in the history (nothing evaluated is lost); each one handled leaves ``in_flight``.
+        With ``quiet``, an evaluation callback that raises again while they are recorded is
+        only logged (the caller is already raising the first error). With
+        ``wait_running=False`` (an interrupt: the user wants out), only the evaluations
+        already finished are kept; the others stay in ``in_flight`` to be cancelled."""
         for future in sorted(in_flight, key=lambda f: in_flight[f][0]):
-            _, _, params, slot = in_flight[future]
-            try:
-                loss = float(future.result())
-            except Exception:
-                continue
-            self.session.stage(self.contexts[slot], params, slot, loss)
-        in_flight.clear()
+            if not future.done():
+                if not wait_running:
+                    continue
+                wait([future])  # an interrupt while waiting propagates (the rest stay)
+            _, _, params, slot = in_flight.pop(future)
+            if future.cancelled() or future.exception() is not None:
+                continue  # a failed (or interrupted) evaluation has nothing to keep
+            self.session.stage(self.contexts[slot], params, slot, float(future.result()))
         try:
             self.flush(step)
         except Exception:
@@ -228,7 +241,8 @@ class NevergradLoop:
         drivers = ThreadPoolExecutor(n_workers, thread_name_prefix="chemfit-async")
         in_flight: dict[Any, tuple[int, Any, dict, int]] = {}
         free = list(range(n_workers))
-        asked = told = step = 0
+        asked = told = 0
+        step = self.first_step
         try:
             while told < asked or (asked < budget and not self._should_stop()):
                 while free and asked < budget and not self._should_stop():
@@ -266,6 +280,9 @@ class NevergradLoop:
                     raise error
             if self.session.stopped and told % n_workers:
                 self.dispatch(step)  # the last, partial step of a stopped fit
+        except KeyboardInterrupt:  # keep what already finished; wait for nothing
+            self._record_in_flight(in_flight, step, quiet=True, wait_running=False)
+            raise
         finally:
             for future in in_flight:
                 future.cancel()

@@ -11,7 +11,10 @@ from typing import Any
 from chemfit.core.exceptions import UnknownOptimizerError
 
 __all__ = [
+    "SCIPY_METHODS",
     "SCIPY_METHODS_WITHOUT_BOUNDS",
+    "check_scipy_method",
+    "closest_names",
     "delegates_to_scipy",
     "drops_early_tells",
     "nevergrad_optimizer_class",
@@ -24,7 +27,48 @@ SCIPY_METHODS_WITHOUT_BOUNDS = frozenset(
     {"cg", "bfgs", "newton-cg", "dogleg", "trust-ncg", "trust-exact", "trust-krylov"}
 )
 
+#: The ``scipy.optimize.minimize`` methods, spelled as scipy's documentation spells them.
+SCIPY_METHODS = (
+    "Nelder-Mead",
+    "Powell",
+    "CG",
+    "BFGS",
+    "Newton-CG",
+    "L-BFGS-B",
+    "TNC",
+    "COBYLA",
+    "COBYQA",
+    "SLSQP",
+    "trust-constr",
+    "dogleg",
+    "trust-ncg",
+    "trust-exact",
+    "trust-krylov",
+)
+
 _COMMON_CHOICES = "NgIohTuned, NGOpt, OnePlusOne, CMA, TwoPointsDE"
+
+
+def closest_names(name: str, names: list[str], *, ignore_case: bool = False) -> list[str]:
+    """Up to five of ``names`` close to ``name``: those equal but for case first, then by
+    similarity (``difflib``). With ``ignore_case`` the similarity ignores case too.
+
+    Examples
+    --------
+    >>> closest_names("oneplusone", ["OnePlusOne", "TwoPointsDE"])
+    ['OnePlusOne']
+    >>> closest_names("l-bfgs", ["BFGS", "L-BFGS-B", "TNC"], ignore_case=True)
+    ['L-BFGS-B', 'BFGS']
+    """
+    by_case = [n for n in names if n.lower() == name.lower()]
+    if ignore_case:
+        lowered = {n.lower(): n for n in names}
+        similar = [
+            lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), 5, 0.5)
+        ]
+    else:
+        similar = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    return (by_case + [n for n in similar if n not in by_case])[:5]
 
 
 def nevergrad_optimizer_class(name: Any) -> Any:
@@ -58,17 +102,63 @@ def nevergrad_optimizer_class(name: Any) -> Any:
         )
     if name in registry:
         return registry[name]
-    names = list(registry)
-    by_case = [n for n in names if n.lower() == name.lower()]
-    close = by_case + [
-        n for n in difflib.get_close_matches(name, names, n=5, cutoff=0.5) if n not in by_case
-    ]
+    close = closest_names(name, list(registry))
     suggestion = (
         f"closest names: {', '.join(close)}" if close else f"common choices: {_COMMON_CHOICES}"
     )
     raise UnknownOptimizerError(
         f"optimizer_str {name!r} is not in nevergrad.optimizers.registry ({suggestion}); "
         "pass one of its keys"
+    )
+
+
+def _scipy_methods() -> tuple[str, ...]:
+    """The methods this scipy's ``minimize`` knows (``COBYQA`` needs scipy 1.14)."""
+    try:
+        from scipy.optimize._minimize import MINIMIZE_METHODS  # scipy's own list, lower case
+    except ImportError:  # a future scipy that moved it: trust our list
+        return SCIPY_METHODS
+    known = {name.lower() for name in MINIMIZE_METHODS}
+    return tuple(name for name in SCIPY_METHODS if name.lower() in known)
+
+
+def check_scipy_method(method: Any) -> None:
+    """Check ``method`` for ``scipy.optimize.minimize`` before anything runs.
+
+    A method name is matched without regard to case, as scipy does. A callable (a custom
+    minimizer) and ``None`` (scipy chooses) are accepted as they are.
+
+    Raises
+    ------
+    ValueError
+        When ``method`` names no ``minimize`` method; the message lists the closest names and
+        every valid one.
+    TypeError
+        When ``method`` is neither a string, a callable nor ``None``.
+
+    Examples
+    --------
+    >>> check_scipy_method("nelder-mead")
+    >>> check_scipy_method("L-BFGS")
+    Traceback (most recent call last):
+    ...
+    ValueError: method 'L-BFGS' is not a scipy.optimize.minimize method (closest names: L-BFGS-B, BFGS); valid methods: Nelder-Mead, Powell, CG, BFGS, Newton-CG, L-BFGS-B, TNC, COBYLA, COBYQA, SLSQP, trust-constr, dogleg, trust-ncg, trust-exact, trust-krylov, or a callable (a custom minimizer)
+    """
+    if method is None or callable(method):
+        return
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be the name of a scipy.optimize.minimize method or a callable, got "
+            f"{method!r:.60} ({type(method).__name__}); e.g. method='L-BFGS-B'"
+        )
+    methods = _scipy_methods()
+    if method.lower() in {name.lower() for name in methods}:
+        return
+    close = closest_names(method, list(methods), ignore_case=True)
+    suggestion = f" (closest names: {', '.join(close)})" if close else ""
+    raise ValueError(
+        f"method {method!r} is not a scipy.optimize.minimize method{suggestion}; valid "
+        f"methods: {', '.join(methods)}, or a callable (a custom minimizer)"
     )
 
 

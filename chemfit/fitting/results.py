@@ -349,13 +349,16 @@ class FitResult:
     best_parameters, best_loss, best_meta
         The best told evaluation or observation (``best_loss`` is ``inf`` if there was none).
     n_evals : int
-        Objective calls of this fit (observations excluded).
+        Objective calls of this fit, one per history record (observations excluded).
     n_observations : int
         Initial observations told before the budget.
     wall_time : float
         Seconds from the start to the end of the fit.
     history : FitHistory
         The evaluation records.
+
+    After ``fit_nevergrad(resume=True)`` the history, counts, wall time and best cover the
+    whole session (every part); the other fields describe its last part.
     backend : str
         ``"nevergrad"``, ``"scipy"`` or ``"ask-tell"``.
     optimizer : str
