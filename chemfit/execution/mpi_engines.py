@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -77,14 +78,11 @@ class RecordPublisher:
 
     def _resolve(self) -> bool:
         if self._on_engine is None:
-            try:
-                from ipykernel.zmqshell import ZMQInteractiveShell
-
-                on_engine = ZMQInteractiveShell.initialized() and hasattr(
-                    ZMQInteractiveShell.instance(), "data_pub"
-                )
-            except ImportError:
-                on_engine = False
+            # An engine's kernel is ipyparallel's; a notebook kernel has data_pub too (ipykernel 7).
+            get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+            shell = get_ipython() if callable(get_ipython) else None
+            kernel = getattr(shell, "kernel", None)
+            on_engine = type(kernel).__module__.startswith("ipyparallel")
             if on_engine:
                 from ipyparallel.datapub import publish_data
 
