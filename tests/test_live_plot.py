@@ -383,6 +383,18 @@ def test_term_labels_keep_only_what_tells_terms_apart():
     assert term_labels([h.quadratic, h.quadratic]) == ["quadratic [0]", "quadratic [1]"]
 
 
+def test_term_labels_name_the_reference_value_only_when_the_model_arguments_do_not_differ():
+    computer = WrappedQuantityComputer(_dimer)
+
+    def squared(quantities, e_ref):
+        return (quantities["energy"] - e_ref) ** 2
+
+    distinct_r = [computer.bind(r=r).with_loss(squared, e_ref=-r) for r in (3.2, 3.6)]
+    assert term_labels(distinct_r) == ["r=3.2", "r=3.6"]
+    same_r = [computer.bind(r=3.2).with_loss(squared, e_ref=e) for e in (-1.0, -2.0)]
+    assert term_labels(same_r) == ["e_ref=-1", "e_ref=-2"]
+
+
 # -- units and options --------------------------------------------------------------------------
 
 

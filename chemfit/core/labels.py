@@ -38,11 +38,16 @@ class _Description:
     explicit: str | None = None
     name: str | None = None
     args: list[tuple[str | None, str]] = field(default_factory=list)
+    #: the loss's bound arguments (reference values), said only when ``args`` do not tell apart
+    loss_args: list[tuple[str | None, str]] = field(default_factory=list)
 
-    def text(self, keep_name: bool = True, drop: frozenset = frozenset()) -> str:
+    def text(
+        self, keep_name: bool = True, drop: frozenset = frozenset(), with_loss: bool = True
+    ) -> str:
         if self.explicit:
             return self.explicit
-        args = ", ".join(f"{k}={v}" if k else v for k, v in self.args if (k, v) not in drop)
+        pairs = self.args + self.loss_args if with_loss else self.args
+        args = ", ".join(f"{k}={v}" if k else v for k, v in pairs if (k, v) not in drop)
         name = self.name if keep_name else None
         if name and args:
             return f"{name}({args})"
@@ -117,7 +122,9 @@ def _describe(obj: Any) -> _Description:
         if inner.explicit:
             return inner
         return _Description(
-            name=inner.name or _function_name(loss), args=inner.args + _partial_args(loss)
+            name=inner.name or _function_name(loss),
+            args=inner.args,
+            loss_args=_partial_args(loss),
         )
     func = getattr(obj, "func", None)
     if callable(func) and hasattr(obj, "func_kwargs"):  # the wrappers of wrapping.py
@@ -211,12 +218,15 @@ def term_labels(terms: Any) -> list[str]:
     keep_name = len(described) < 2 or len(names) > 1 or not all(d.args for d in described)
     drop: frozenset = frozenset()
     if len(described) >= 2:
-        drop = frozenset.intersection(*(frozenset(d.args) for d in described))
+        drop = frozenset.intersection(*(frozenset(d.args + d.loss_args) for d in described))
+    # The model's own arguments (r=3.2) say what a term is; its reference value only when needed.
+    short = [d.text(keep_name, drop, with_loss=False) for d in described]
+    with_loss = len(set(short)) < len(short) or not all(short)
     labels = []
     for index, description in enumerate(descriptions):
-        text = description.text(keep_name, drop)
-        if not text and description.args:  # every argument was common: keep them
-            text = description.text(keep_name)
+        text = description.text(keep_name, drop, with_loss)
+        if not text and (description.args or description.loss_args):  # all common: keep them
+            text = description.text(keep_name, with_loss=with_loss)
         labels.append(text or f"term {index}")
     counts: dict[str, int] = {}
     for text in labels:
