@@ -458,7 +458,7 @@ def test_dashboard_live_plot_stop_continue_and_loky_by_clicking(lab, shots):
         page.screenshot(path=str(shots / "5-loky.png"))
         assert status.startswith("Finished: 150 evaluations (in "), status
         picker_status = page.locator(".chemfit-picker-status").inner_text()
-        assert picker_status.startswith("Ready: 2 processes (loky) workers"), picker_status
+        assert picker_status.startswith("Ready: 2 loky worker processes"), picker_status
         assert _wait_for_plotted(page, 150, 20) == 150 and progress.inner_text() == "150 / 150"
 
         notebook_text = page.locator(".jp-Notebook").inner_text()

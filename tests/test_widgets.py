@@ -125,7 +125,7 @@ def test_picker_shows_the_fields_of_the_kind_and_runs_a_thread_pool():
     picker.kind = "thread"
 
     picker.start_button.click()
-    assert picker.state == "running" and "3 threads workers" in picker.message
+    assert picker.state == "running" and "Ready: 3 threads" in picker.message
     assert isinstance(picker.executor, ThreadPoolExecutor)
     assert picker.executor._max_workers == 3 and picker.num_workers == 3
     # A running pool stays editable (a change stops it; the next start builds the new one).

@@ -51,6 +51,11 @@ _POOL_KINDS = ("serial", "thread", "process", "loky")
 _CLUSTER_KINDS = ("ipyparallel", "mpi", "connect")
 _WATCHED_KINDS = ("process", "loky", *_CLUSTER_KINDS)  # executors that can break while idle
 _BUSY = ("starting", "stopping")
+_WORKER_NOUNS = {
+    "thread": ("thread", "threads"),
+    "process": ("worker process", "worker processes"),
+    "loky": ("loky worker process", "loky worker processes"),
+}
 _SETTINGS = ("kind", "workers", "engines", "profile", "cluster_id", "profile_dir", "timeout")
 
 
@@ -657,7 +662,8 @@ class ExecutorPicker(widgets.VBox):
         if kind == "serial":
             text = "Ready: evaluations run one at a time in the fit's thread"
         elif kind in ("thread", "process", "loky"):
-            text = f"Ready: {self.workers} {KINDS[kind].lower()} workers"
+            one, many = _WORKER_NOUNS[kind]
+            text = f"Ready: {self.workers} {one if self.workers == 1 else many}"
         else:
             text = self._cluster_status(executor)
         if self._rebuilt:
