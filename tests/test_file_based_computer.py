@@ -296,8 +296,11 @@ def test_try_parsing_after_exception_logs_and_parses(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="chemfit.chemistry.file_based_computer"):
         assert computer({"x": 3.0}, ctx) == {"energy": 4.0, "x": 3.0}
     assert "Will attempt to parse output files." in caplog.messages
-    assert ctx.temp.workdir.is_dir()  # a crash all the same: kept
-    assert (tmp_path / f"{ctx.temp.workdir.name}.dump").exists()
+    assert not ctx.temp.workdir.exists()  # parsed: removed as after a success
+    dump = json.loads((tmp_path / f"{ctx.temp.workdir.name}.dump").read_text())
+    assert dump["returncode"] == 1 and dump["parameters"] == {"x": 3.0}
+    assert leftovers(tmp_path) == [tmp_path / f"{ctx.temp.workdir.name}.dump"]
+    assert ctx.meta["external_program"]["returncode"] == 1
 
 
 @pytest.mark.timeout(30)
@@ -309,6 +312,197 @@ def test_try_parsing_after_exception_still_raises_without_outputs(tmp_path):
         computer({"x": 1.0})
     assert "exit code: 3" in str(info.value) and "parsing afterwards failed" in str(info.value)
     assert isinstance(info.value.__cause__, ExternalProgramError)
+
+
+# -- upstream 3.1 semantics: subprocess.run, parsed failures, programs that never start --------
+
+
+def _upstream_failing_run(output_file: Path, calls: list, **error_kwargs):
+    """A stand-in for ``subprocess.run`` as upstream's tests write it: it writes the output
+    file in ``cwd``, then raises ``CalledProcessError``; it records its keywords."""
+
+    def failing_run(cmd, *, check, cwd, **kwargs):
+        calls.append({"cmd": cmd, "check": check, "cwd": Path(cwd), **kwargs})
+        (Path(cwd) / output_file).write_text("42", encoding="utf-8")
+        raise subprocess.CalledProcessError(returncode=1, cmd=cmd, **error_kwargs)
+
+    return failing_run
+
+
+def _parse_result(output_files: list[Path]) -> dict:
+    return {"result": int(output_files[0].read_text(encoding="utf-8"))}
+
+
+@pytest.mark.timeout(20)
+def test_patched_subprocess_run_failure_is_parsed_warned_dumped_and_cleaned_up(
+    tmp_path, monkeypatch, caplog
+):
+    # written against upstream's module paths, as an upstream user's test would be
+    from chemfit.abstract_objective_function import EvaluateContext as UpstreamContext
+    from chemfit.file_based_computer import FileBasedQuantityComputer as UpstreamComputer
+
+    calls: list = []
+    run = _upstream_failing_run(
+        Path("result.txt"), calls, output="partial output", stderr="expected failure"
+    )
+    monkeypatch.setattr(subprocess, "run", run)
+    computer = UpstreamComputer(
+        output_files=[Path("result.txt")],
+        output_parsers=_parse_result,
+        base_working_directory=tmp_path,
+        subprocess_run_args={},
+        try_parsing_after_exception=True,
+    ).with_cmd(lambda _parameters, _workdir: ["failing-command"])
+    ctx = UpstreamContext()
+
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        result = computer({}, ctx)
+    assert time.perf_counter() - start < 5  # the output was there: no polling
+
+    assert result == {"result": 42}
+    assert not ctx.temp.workdir.exists()
+    assert "Will attempt to parse output files." in caplog.text
+    assert "Will attempt to parse output files." in caplog.messages
+    assert "CalledProcessError" in caplog.text
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    dump_files = list(tmp_path.glob("*.dump"))
+    assert len(dump_files) == 1
+    assert "expected failure" in dump_files[0].read_text(encoding="utf-8")
+    assert dump_files[0].stem == ctx.temp.workdir.name
+    assert leftovers(tmp_path) == dump_files
+    # one call, the way upstream makes it, plus the session and timeout it needs
+    assert len(calls) == 1
+    call = calls[0]
+    assert call["cmd"] == ["failing-command"] and call["check"] is True
+    assert call["cwd"] == ctx.temp.workdir
+    assert call["start_new_session"] is True and call["timeout"] == 500.0
+    assert "capture_output" not in call  # subprocess_run_args={} is passed on as given
+
+
+@pytest.mark.timeout(20)
+def test_patched_subprocess_run_failure_without_parsing_raises_the_chain(tmp_path, monkeypatch):
+    from chemfit.abstract_objective_function import EvaluateContext as UpstreamContext
+    from chemfit.file_based_computer import FileBasedQuantityComputer as UpstreamComputer
+
+    parsed: list = []
+
+    def parse_output(output_files: list[Path]) -> dict:
+        parsed.append(output_files)
+        return {"result": 42}
+
+    calls: list = []
+    monkeypatch.setattr(subprocess, "run", _upstream_failing_run(Path("result.txt"), calls))
+    computer = UpstreamComputer(
+        output_files=[Path("result.txt")],
+        output_parsers=parse_output,
+        base_working_directory=tmp_path,
+        subprocess_run_args={},
+        delete_temp_workdirs=True,
+        keep_temp_workdir_after_crash=False,
+        write_dump_file_after_crash=False,
+    ).with_cmd(lambda _parameters, _workdir: ["failing-command"])
+    ctx = UpstreamContext()
+
+    with pytest.raises(Exception, match="Exception in `_compute`") as exc_info:
+        computer({}, ctx)
+
+    assert len(calls) == 1
+    subprocess_exception = exc_info.value.__cause__.__cause__
+    assert isinstance(subprocess_exception, subprocess.CalledProcessError)
+    assert subprocess_exception.returncode == 1
+    assert isinstance(exc_info.value, ComputeError)
+    assert isinstance(exc_info.value.__cause__, ExternalProgramError)
+    assert parsed == []
+    assert not ctx.temp.workdir.exists()
+    assert leftovers(tmp_path) == []  # no dump either
+    assert "exit code: 1" in str(exc_info.value) and "deleted" in str(exc_info.value)
+
+
+@pytest.mark.timeout(20)
+def test_a_failed_call_keeps_its_workdir_when_workdirs_are_never_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", _upstream_failing_run(Path("result.txt"), []))
+    computer = FileBasedQuantityComputer(
+        [Path("result.txt")],
+        _parse_result,
+        tmp_path,
+        executable_cmd=lambda _p, _w: ["failing-command"],
+        delete_temp_workdirs=False,
+        keep_temp_workdir_after_crash=False,
+    )
+    ctx = EvaluateContext()
+    with pytest.raises(ComputeError) as info:
+        computer({}, ctx)
+    assert ctx.temp.workdir.is_dir() and info.value.workdir == str(ctx.temp.workdir)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["missing", "not executable"])
+def test_a_program_that_cannot_start_raises_at_once_even_when_parsing_after_failures(
+    tmp_path, kind
+):
+    program = tmp_path / "bin" / "simulate"
+    if kind == "not executable":
+        program.parent.mkdir()
+        program.write_text("#!/bin/sh\necho never\n")
+        program.chmod(0o644)
+    computer = FileBasedQuantityComputer(
+        ["out.json"],
+        h.parse_out_json,
+        tmp_path / "runs",
+        executable_cmd=lambda _p, _w: [str(program), "--input", "in.txt"],
+        try_parsing_after_exception=True,  # with the default wait_timeout of 500 s
+    )
+    start = time.perf_counter()
+    with pytest.raises(ComputeError) as info:
+        computer({"x": 1.0})
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0, f"took {elapsed:.1f} s: it waited for outputs of a program that never ran"
+    error = info.value
+    assert not isinstance(error, ComputeTimeoutError)
+    message = str(error)
+    assert message.startswith(PREFIX) and "could not be started" in message
+    assert repr(str(program)) in message  # names the program
+    expected = FileNotFoundError if kind == "missing" else PermissionError
+    assert isinstance(error.__cause__, expected)
+    assert expected.__name__ in message and (error.__cause__.strerror in message)
+    assert error.returncode is None
+
+
+@pytest.mark.timeout(60)
+def test_parsing_after_a_failure_from_a_notebook_style_main_module(tmp_path):
+    """A user's script (``__main__``) patches ``subprocess.run`` to fake a failing simulator."""
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import json, logging, subprocess, sys\n"
+        "from pathlib import Path\n"
+        "from chemfit.file_based_computer import FileBasedQuantityComputer\n"
+        "logging.basicConfig(level=logging.WARNING, stream=sys.stderr)\n"
+        "def fake_run(cmd, *, check, cwd, **kwargs):\n"
+        "    (Path(cwd) / 'energy.txt').write_text('-1.5')\n"
+        "    raise subprocess.CalledProcessError(7, cmd, stderr=b'SCF not converged')\n"
+        "def parse(files):\n"
+        "    return {'energy': float(files[0].read_text())}\n"
+        "subprocess.run = fake_run\n"
+        "computer = FileBasedQuantityComputer(['energy.txt'], parse, sys.argv[1],\n"
+        "    executable_cmd=lambda p, w: ['dft-code'], try_parsing_after_exception=True)\n"
+        "print('RESULT', json.dumps(computer({'a': 1.0})))\n"
+    )
+    base = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, str(script), str(base)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == 'RESULT {"energy": -1.5}'
+    assert "Will attempt to parse output files." in done.stderr
+    (dump,) = base.glob("*.dump")
+    assert "SCF not converged" in dump.read_text()
+    assert sorted(base.iterdir()) == [dump]  # the workdir was removed
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -106,6 +106,30 @@ def test_weighted_translation_uses_weighted_centroids():
     np.testing.assert_allclose(t, [3.0, -1.0], atol=1e-12)
 
 
+def _upstream_unweighted_kabsch(P, Q):
+    """Upstream chemfit 3.1's unweighted steps: plain-mean centroids, H = P0^T Q0, R = U Vt
+    (last column of U flipped for a proper rotation), t = cQ - cP R."""
+    cP, cQ = P.mean(axis=0), Q.mean(axis=0)
+    U, _, Vt = np.linalg.svd((P - cP).T @ (Q - cQ))
+    R = U @ Vt
+    if np.linalg.det(R) < 0:
+        U[:, -1] *= -1.0
+        R = U @ Vt
+    return R, cQ - cP @ R
+
+
+@pytest.mark.parametrize(("seed", "dim"), [(s, d) for s in range(6) for d in (2, 3)])
+def test_unweighted_results_agree_with_upstream_to_the_last_bit(seed, dim):
+    rng = np.random.default_rng(100 + seed)
+    P = rng.normal(size=(17, dim)) * 3.7 + rng.normal(size=dim) * 50.0  # off-centre points
+    R_true = _random_rotation(rng, dim)
+    Q = P @ R_true + rng.normal(size=dim) * 20.0  # noise-free
+    R, t = kabsch(P, Q)
+    R_up, t_up = _upstream_unweighted_kabsch(P, Q)
+    assert np.array_equal(R, R_up), np.max(np.abs(R - R_up))
+    assert np.array_equal(t, t_up), np.max(np.abs(t - t_up))
+
+
 def test_rmsd_values():
     A = np.zeros((2, 3))
     B = np.array([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0]])  # squared distances 9 and 0

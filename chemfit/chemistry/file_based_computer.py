@@ -92,12 +92,14 @@ class _Failure(Exception):
         *,
         timeout: bool = False,
         program_error: ExternalProgramError | None = None,
+        exited: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.cause = cause
         self.timeout = timeout
         self.program_error = program_error
+        self.exited = exited  # the command ran and exited non-zero: outputs may be usable
 
 
 def _check_output_files(output_files: Any) -> list[Path]:
@@ -176,15 +178,20 @@ class FileBasedQuantityComputer(QuantityComputer):
         Keywords for running the command, as for ``subprocess.run`` (default
         ``{"capture_output": True}``). ``check`` is always on.
     delete_temp_workdirs : bool
-        Delete the working directory after a successful call.
+        Delete the working directory after a successful call. With ``False`` no working
+        directory is ever deleted.
     write_dump_file_after_crash : bool
         After a failure, write ``<base>/<uuid>.dump`` (JSON: parameters, command, exit code,
-        stderr tail, error and traceback).
+        stdout and stderr tails, error and traceback).
     keep_temp_workdir_after_crash : bool
-        Keep the working directory of a failed call for inspection.
+        Keep the working directory of a failed call for inspection. A failed call deletes it
+        only when this is ``False`` and ``delete_temp_workdirs`` is ``True``.
     try_parsing_after_exception : bool
-        When the command fails, log the WARNING "Will attempt to parse output files." and
-        parse anyway; the call succeeds if the parsers do.
+        When the command exits with a non-zero code (``subprocess.CalledProcessError``), write
+        the dump file, log the WARNING "Will attempt to parse output files." and wait for and
+        parse the outputs anyway. If the parsers succeed, so does the call, and its working
+        directory is handled as after a success. A command that timed out or could not be
+        started is never parsed.
 
     Raises
     ------
@@ -195,12 +202,20 @@ class FileBasedQuantityComputer(QuantityComputer):
         is an :class:`~chemfit.exceptions.ExternalProgramError` whose ``__cause__`` is the
         ``CalledProcessError``. The error also has the attributes ``cmd``, ``returncode``,
         ``stderr_tail`` and ``workdir``.
+        A program that could not be started raises at once, with the ``OSError``
+        (``FileNotFoundError``, ``PermissionError``) as ``__cause__``.
     ComputeTimeoutError
         When the command exceeds its timeout, or the output files do not appear within a
         positive ``wait_timeout``; also a ``TimeoutError``.
 
     Notes
     -----
+    The command runs as ``subprocess.run(cmd, check=True, cwd=workdir, **args)``, looked up
+    at call time, so a test may monkeypatch ``subprocess.run``. ``args`` adds to
+    ``subprocess_run_args`` a ``timeout`` (unless given), ``stdin=subprocess.DEVNULL`` and, on
+    POSIX, ``start_new_session=True``; after a timeout the processes the command left running
+    in its working directory are killed with its session (Linux).
+
     Each call stores the working directory in ``ctx.temp.workdir`` and writes
     ``ctx.meta["external_program"] = {"workdir", "cmd", "returncode", "seconds"}``.
 
@@ -340,7 +355,10 @@ class FileBasedQuantityComputer(QuantityComputer):
             )
             error.__cause__ = exc
             raise _Failure(
-                f"the command exited with code {exc.returncode}", error, program_error=error
+                f"the command exited with code {exc.returncode}",
+                error,
+                program_error=error,
+                exited=True,
             ) from exc
         except subprocess.TimeoutExpired as exc:
             record["stderr_tail"] = tail(exc.stderr)
@@ -359,8 +377,13 @@ class FileBasedQuantityComputer(QuantityComputer):
                 timeout=True,
                 program_error=error,
             ) from exc
-        except OSError as exc:  # e.g. the executable does not exist
-            raise _Failure(f"the command could not be started ({exc})", exc) from exc
+        except OSError as exc:  # FileNotFoundError, PermissionError: it never ran
+            raise _Failure(
+                f"the command could not be started: {cmd[0]!r}: {type(exc).__name__}: "
+                f"{exc.strerror or exc}; check that the program exists, is executable and is on "
+                "PATH (or give its absolute path)",
+                exc,
+            ) from exc
         record["returncode"] = done.returncode
         record["stderr_tail"] = tail(done.stderr)
 
@@ -425,16 +448,13 @@ class FileBasedQuantityComputer(QuantityComputer):
             )
         except BaseException:
             # a bad command (TypeError) or an interrupt: nothing to inspect if nothing ran
-            if record["cmd"] is None or not self.keep_temp_workdir_after_crash:
+            if record["cmd"] is None or not self._keep_after_crash():
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         record["seconds"] = time.perf_counter() - start
         ctx.meta["external_program"] = _public(record)
-        if record.get("crashed"):  # parsed after a failed command: a crash all the same
-            delete = not self.keep_temp_workdir_after_crash
-        else:
-            delete = self.delete_temp_workdirs
-        if delete:
+        # also after a failed command whose outputs parsed: the dump file tells about it
+        if self.delete_temp_workdirs:
             shutil.rmtree(workdir, ignore_errors=True)
         return quantities
 
@@ -454,10 +474,17 @@ class FileBasedQuantityComputer(QuantityComputer):
         try:
             self._run(cmd, workdir, record)
         except _Failure as failure:
-            if not self.try_parsing_after_exception:
+            # only a command that ran and exited non-zero may have left usable outputs
+            if not (self.try_parsing_after_exception and failure.exited):
                 raise
-            record["crashed"] = True
-            self._after_crash(failure, parameters, workdir, record, keep=True)
+            self._write_dump(failure, parameters, workdir, record)
+            exc = failure.program_error.__cause__ if failure.program_error else failure.cause
+            logger.warning(
+                "Command failed with %s: %s%s",
+                type(exc).__name__,
+                exc,
+                f" Dump file: {record['dump_file']}" if record.get("dump_file") else "",
+            )
             logger.warning("Will attempt to parse output files.")
             try:
                 return self._parse(self._wait_for_outputs(workdir))
@@ -468,40 +495,40 @@ class FileBasedQuantityComputer(QuantityComputer):
 
     # -- failures -------------------------------------------------------------------------
 
-    def _after_crash(
-        self, failure: _Failure, parameters: dict, workdir: Path, record: dict, keep: bool
-    ) -> None:
-        """Write the dump file and (unless kept) delete the working directory; once per call."""
-        if record.get("dumped"):
+    def _keep_after_crash(self) -> bool:
+        """Whether a failed call keeps its working directory (as upstream: unless both
+        ``delete_temp_workdirs`` is set and ``keep_temp_workdir_after_crash`` is not)."""
+        return self.keep_temp_workdir_after_crash or not self.delete_temp_workdirs
+
+    def _write_dump(self, failure: _Failure, parameters: dict, workdir: Path, record: dict) -> None:
+        """Write ``<base>/<uuid>.dump`` (if asked to), once per call."""
+        if record.get("dumped") or not self.write_dump_file_after_crash:
             return
         record["dumped"] = True
-        if self.write_dump_file_after_crash:
-            dump = {
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "parameters": parameters,
-                "cmd": record.get("cmd"),
-                "workdir": str(workdir),
-                "returncode": record.get("returncode"),
-                "stderr_tail": record.get("stderr_tail", ""),
-                "stdout_tail": record.get("stdout_tail", ""),
-                "error": f"{type(failure.cause).__name__}: {failure.cause}",
-                "reason": failure.reason,
-                "traceback": "".join(traceback.format_exception(failure.cause)),
-            }
-            path = self.base_working_directory / f"{workdir.name}.dump"
-            try:
-                dump_dict_to_file(path, dump)
-                record["dump_file"] = str(path)
-            except Exception:
-                logger.exception("could not write the dump file %s", path)
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        dump = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "parameters": parameters,
+            "cmd": record.get("cmd"),
+            "workdir": str(workdir),
+            "returncode": record.get("returncode"),
+            "stderr_tail": record.get("stderr_tail", ""),
+            "stdout_tail": record.get("stdout_tail", ""),
+            "error": f"{type(failure.cause).__name__}: {failure.cause}",
+            "reason": failure.reason,
+            "traceback": "".join(traceback.format_exception(failure.cause)),
+        }
+        path = self.base_working_directory / f"{workdir.name}.dump"
+        try:
+            dump_dict_to_file(path, dump)
+            record["dump_file"] = str(path)
+        except Exception:
+            logger.exception("could not write the dump file %s", path)
 
     def _error(
         self, failure: _Failure, parameters: dict, workdir: Path, record: dict
     ) -> ComputeError:
-        keep = self.keep_temp_workdir_after_crash
-        self._after_crash(failure, parameters, workdir, record, keep=keep)
+        keep = self._keep_after_crash()
+        self._write_dump(failure, parameters, workdir, record)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
         kind = type(self).__name__

@@ -79,6 +79,11 @@ def kabsch(
     ValueError
         Bad shapes, fewer points than dimensions, non-finite values or bad weights.
 
+    Notes
+    -----
+    Without weights the centroids are the plain means ``P.mean(axis=0)``, and ``R`` and ``t``
+    equal upstream chemfit's to the last bit.
+
     Examples
     --------
     >>> P = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
@@ -97,15 +102,19 @@ def kabsch(
             f"kabsch needs at least as many points as dimensions, got N={n_points} points in "
             f"D={dim} dimensions; pass at least {dim} points"
         )
-    w = _as_weights(weights, n_points)
-
-    centroid_p = w @ P_arr / w.sum()
-    centroid_q = w @ Q_arr / w.sum()
+    if weights is None:
+        # the plain mean, so that unweighted results agree with upstream's to the last bit
+        centroid_p = P_arr.mean(axis=0)
+        centroid_q = Q_arr.mean(axis=0)
+    else:
+        w = _as_weights(weights, n_points)
+        centroid_p = w @ P_arr / w.sum()
+        centroid_q = w @ Q_arr / w.sum()
     P_c = P_arr - centroid_p
     Q_c = Q_arr - centroid_q
 
     # Row vectors: maximise trace(R^T H) with H = P_c^T W Q_c, whose optimum is U @ Vt.
-    H = (P_c * w[:, None]).T @ Q_c
+    H = P_c.T @ Q_c if weights is None else (P_c * w[:, None]).T @ Q_c
     U, _, Vt = np.linalg.svd(H)
     R = U @ Vt
     if not allow_reflection and np.linalg.det(R) < 0:
