@@ -15,7 +15,7 @@ LAB_PORT ?= 8888
 LAB_OPTS ?=
 LAB_TOKEN ?=
 
-.PHONY: setup browser test demo lab docs lint format bench clean
+.PHONY: setup browser test test-pythons demo lab docs lint format bench bench-upstream clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The core tests on the oldest and the newest declared Python (CI runs it after `make test`).
+test-pythons: $(STAMP)
+	.ci/test-pythons
 
 demo: $(STAMP)
 	$(BIN)/python examples/lj_dimer_fit.py
@@ -67,6 +71,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_mpi_wrapper_cob.py
 	$(BIN)/python benchmarks/bench_fitter.py
 	$(BIN)/python benchmarks/bench_live_plot.py
+	$(BIN)/python benchmarks/bench_diagnostics.py
+
+# Side by side with upstream chemfit 3.1.1 (PyPI) in its own venv, .venv-upstream; a Markdown
+# table (see benchmarks/README.md). BENCH_UPSTREAM_OPTS="--rounds 5 --cases mpi_cheap" etc.
+BENCH_UPSTREAM_OPTS ?=
+bench-upstream: $(STAMP)
+	benchmarks/upstream_env.sh
+	$(BIN)/python benchmarks/compare_upstream.py $(BENCH_UPSTREAM_OPTS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/notebooks
+	rm -rf $(VENV) .venv-upstream build *.egg-info .pytest_cache docs/_build docs/notebooks

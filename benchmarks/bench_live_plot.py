@@ -81,7 +81,7 @@ def _run_case(case: str, budget: int, optimizer: str, seed: int) -> dict:
         dash.start()
         dash.wait(timeout=600)
         total = time.perf_counter() - start
-        final = dash.plot._last_cost or 0.0  # the dashboard draws the final frame itself
+        final = dash.plot._cadence.last_cost or 0.0  # the dashboard draws the final frame itself
         out = {
             "fit": fitter.result.wall_time,
             "total": total,

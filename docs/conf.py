@@ -5,7 +5,7 @@ Build with ``make docs`` (warnings are errors), or by hand::
     .venv/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 The notebooks in ``../notebooks`` are rendered without being executed (the test suite executes
-them, tests/test_notebooks.py). They are copied into ``docs/notebooks/`` (generated, not
+them, tests/integration/test_notebooks.py). They are copied into ``docs/notebooks/`` (generated, not
 committed) when the build starts: a symbolic link does not work, because MyST resolves the links
 between notebooks to their real location, outside the documentation's source folder.
 """

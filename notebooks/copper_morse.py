@@ -1,7 +1,8 @@
 """Fit ASE's Morse potential for copper to EMT reference data and the experimental lattice constant.
 
 The fit set-up shared by ``notebooks/05_copper_morse_fit.ipynb`` (which imports it from next to
-itself) and ``tests/test_copper_fit.py``; run it directly with ``python notebooks/copper_morse.py``.
+itself) and ``tests/integration/test_copper_fit.py``; run it directly with
+``python notebooks/copper_morse.py``.
 
 Reference data (made by ``scripts/make_cu_reference_data.py``, stored as extended XYZ in
 ``examples/data/copper/``): an energy-volume curve of fcc Cu and a Cu2 binding curve, both as
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from chemfit.chemistry.ase_atoms import PathAtomsFactory, read_reference_data
-from chemfit.chemistry.ase_computers import MultiStructureASEComputer
+from chemfit.chemistry.ase_computers import MultiStructureASEComputer, SinglePointASEComputer
 from chemfit.chemistry.ase_eos import LatticeConstantASEComputer
 from chemfit.chemistry.losses import energy_rmse, lattice_constant_error, relative_energy_rmse
 from chemfit.chemistry.neighbor_list import fast_neighbor_list
@@ -58,10 +59,14 @@ __all__ = [
     "CopperFitReport",
     "apply_morse",
     "build_objective",
+    "build_residual_objective",
     "evaluate_parameters",
     "experimental_lattice_constant",
+    "lattice_constant_function",
     "make_morse",
     "run_fit",
+    "squared_error_per_atom",
+    "uncertainty_fitter",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "examples" / "data" / "copper"
@@ -128,6 +133,81 @@ def build_objective(data_dir: str | Path = DATA_DIR) -> CombinedObjectiveFunctio
     ]
     weights = [1.0 / TOLERANCES["eos"], 1.0 / TOLERANCES["lattice"], 1.0 / TOLERANCES["dimer"]]
     return CombinedObjectiveFunction(terms, weights=weights)
+
+
+def squared_error_per_atom(quantities: dict, reference: float, tolerance: float) -> float:
+    """``((E / N - reference) / tolerance)**2`` of one structure (energies per atom)."""
+    return float(((quantities["energy"] / quantities["n_atoms"] - reference) / tolerance) ** 2)
+
+
+def build_residual_objective(data_dir: str | Path = DATA_DIR) -> CombinedObjectiveFunction:
+    """The crystal data as a sum of squared residuals, one term per datum, for uncertainties.
+
+    One term per cell of the energy-volume curve, ``((E/N - E_ref/N) / 10 meV)**2``, and the
+    lattice constant's ``(relative error / 0.5 %)**2``: eleven squared residuals, the form
+    that ``Fitter.covariance()`` and ``Fitter.bootstrap()`` (resampling the terms) assume.
+    The Cu2 curve is left out: it pulls the fit only weakly (see :func:`build_objective`) and
+    its residuals are not independent data (its energies are compared relative to their mean).
+    """
+    data_dir = Path(data_dir)
+    eos_path = data_dir / EOS_FILE
+    eos_ref = read_reference_data(eos_path)
+    a_exp = experimental_lattice_constant()
+    lattice_constants = [info["lattice_constant"] for info in eos_ref["info"]]
+    references = eos_ref["energy"] / eos_ref["n_atoms"]
+    terms, weights = [], []
+    for index, (a, reference) in enumerate(zip(lattice_constants, references)):
+        cell = SinglePointASEComputer(
+            make_morse, apply_morse, PathAtomsFactory(eos_path, index=index), tag=f"fcc a={a:.3f}"
+        )
+        cell.preload()
+        terms.append(
+            cell.with_loss(
+                squared_error_per_atom, reference=float(reference), tolerance=TOLERANCES["eos"]
+            )
+        )
+        weights.append(1.0)
+    closest = int(np.argmin(np.abs(np.array(lattice_constants) - a_exp)))
+    lattice = LatticeConstantASEComputer(
+        make_morse, apply_morse, PathAtomsFactory(eos_path, index=closest), tag="lattice"
+    )
+    lattice.preload()
+    terms.append(
+        lattice.with_loss(lattice_constant_error, reference_lattice_constant=a_exp, squared=True)
+    )
+    weights.append(1.0 / TOLERANCES["lattice"] ** 2)
+    return CombinedObjectiveFunction(terms, weights=weights)
+
+
+def lattice_constant_function(data_dir: str | Path = DATA_DIR) -> Any:
+    """``f(parameters) -> lattice constant (Å)``, from the equation-of-state scan of the
+    lattice term (a picklable computer, so it may also run on workers)."""
+    eos_path = Path(data_dir) / EOS_FILE
+    lattice_constants = [info["lattice_constant"] for info in read_reference_data(eos_path)["info"]]
+    closest = int(np.argmin(np.abs(np.array(lattice_constants) - experimental_lattice_constant())))
+    computer = LatticeConstantASEComputer(
+        make_morse, apply_morse, PathAtomsFactory(eos_path, index=closest), tag="lattice"
+    )
+    computer.preload()
+
+    def lattice_constant(parameters: dict) -> float:
+        return float(computer(parameters)["lattice_constant"])
+
+    return lattice_constant
+
+
+def uncertainty_fitter(
+    parameters: dict, data_dir: str | Path = DATA_DIR, polish_evals: int = 150
+) -> Fitter:
+    """A fitter of :func:`build_residual_objective`, polished from ``parameters`` (Nelder-Mead),
+    ready for ``covariance()``, ``profile()`` and ``bootstrap()``."""
+    fitter = _fitter(build_residual_objective(data_dir), parameters)
+    fitter.fit_scipy(
+        method="Nelder-Mead",
+        progress=False,
+        options={"maxfev": polish_evals, "xatol": 1e-5, "fatol": 1e-6},
+    )
+    return fitter
 
 
 def evaluate_parameters(

@@ -6,8 +6,8 @@ Usage::
     python scripts/strip_notebooks.py a.ipynb b.ipynb # the given notebooks
     python scripts/strip_notebooks.py --check         # list unstripped notebooks, exit 1 if any
 
-Only nbformat is needed (it comes with Jupyter). tests/test_notebooks.py checks that every
-committed notebook is stripped, using :func:`problems` from this file.
+Only nbformat is needed (it comes with Jupyter). tests/integration/test_notebooks.py checks that
+every committed notebook is stripped, using :func:`problems` from this file.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ imports this one.
   finished fit, fed by the fitter's callbacks.
 * :class:`FitDashboard` / :func:`dashboard`: picker + live plot + progress + best parameters,
   with Start and Stop; the fit runs in a background thread.
+* :func:`plot_correlation`, :func:`plot_profiles`, :func:`plot_parity`: how good a fit is
+  (``Fitter.covariance()``, ``bootstrap()``, ``profile()``, ``contributions()``).
 
 Examples
 --------
@@ -24,6 +26,7 @@ from ._jupyter import require_ipywidgets
 
 require_ipywidgets()  # a clear ImportError naming the extra, before anything else fails
 
+from .diagnostics_plots import plot_correlation, plot_parity, plot_profiles  # noqa: E402
 from .executor_picker import KINDS, ExecutorPicker  # noqa: E402
 from .fit_dashboard import FitDashboard, FitStopped, dashboard  # noqa: E402
 from .live_plot import LivePlot  # noqa: E402
@@ -37,4 +40,7 @@ __all__ = [
     "LivePlot",
     "dashboard",
     "describe_error",
+    "plot_correlation",
+    "plot_parity",
+    "plot_profiles",
 ]

@@ -1,8 +1,11 @@
 """A widget to choose and start where a fit runs: threads, processes, loky, ipyparallel, MPI.
 
 :class:`ExecutorPicker` offers the executor kinds of :func:`chemfit.executors.make_executor`
-plus MPI engines (ipyparallel engines started by ``mpiexec``, one MPI world) and a connection to
-a running ``ipcluster`` (by profile or cluster id). Clusters start and stop in a background
+plus MPI engines (ipyparallel engines started by ``mpiexec``, one MPI world), a connection to
+a running ``ipcluster`` (by profile or cluster id), ipyparallel engines started as a Slurm job
+and Dask workers on Slurm (with the batch options as fields; while the job waits in the queue
+the status line says so, with the time waited, and an ``sbatch`` refusal is said in plain
+words). Clusters start and stop in a background
 thread, so the kernel stays free; the status line shows the engines that are up, the MPI world
 size and, in plain words, why something failed. A pool whose workers died or a cluster whose
 engines died shows as broken, and the next start builds a new one. ``picker.executor`` is the
@@ -17,17 +20,15 @@ the executor (``locked``), the controls are disabled and say how to unlock them.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import shutil
-import sys
 import threading
-from pathlib import Path
 from typing import Any
 
+from chemfit.execution.executor_info import ExecutorInfo, executor_info
 from chemfit.execution.executors import make_executor
 
 from ._jupyter import close_children, require_ipywidgets
+from .executor_health import executor_problem, mpi_problem
 from .messages import describe_error, status_html
 
 widgets = require_ipywidgets()
@@ -46,9 +47,12 @@ KINDS: dict[str, str] = {
     "ipyparallel": "ipyparallel engines",
     "mpi": "MPI engines (ipyparallel)",
     "connect": "Running ipcluster",
+    "slurm": "Slurm engines (ipyparallel)",
+    "dask-slurm": "Dask on Slurm",
 }
 _POOL_KINDS = ("serial", "thread", "process", "loky")
-_CLUSTER_KINDS = ("ipyparallel", "mpi", "connect")
+_SLURM_KINDS = ("slurm", "dask-slurm")
+_CLUSTER_KINDS = ("ipyparallel", "mpi", "connect", *_SLURM_KINDS)
 _WATCHED_KINDS = ("process", "loky", *_CLUSTER_KINDS)  # executors that can break while idle
 _BUSY = ("starting", "stopping")
 _WORKER_NOUNS = {
@@ -56,98 +60,17 @@ _WORKER_NOUNS = {
     "process": ("worker process", "worker processes"),
     "loky": ("loky worker process", "loky worker processes"),
 }
-_SETTINGS = ("kind", "workers", "engines", "profile", "cluster_id", "profile_dir", "timeout")
-
-
-def mpi_problem() -> str | None:
-    """Why MPI engines cannot start in this environment, or ``None`` when they can.
-
-    Checks that mpi4py is installed and that an ``mpiexec`` sits next to this Python (the one
-    the engines are launched with), without initialising MPI in the kernel.
-
-    Examples
-    --------
-    >>> mpi_problem() is None or mpi_problem().startswith("MPI is not installed")
-    True
-    """
-    fix = (
-        "Install it with: pip install 'chemfit[mpi]' (mpi4py and the mpich wheel), then restart "
-        "the kernel"
-    )
-    try:
-        spec = importlib.util.find_spec("mpi4py")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        return f"MPI is not installed: the Python package mpi4py is missing. {fix}."
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        found = shutil.which("mpiexec")
-        where = f" (the one on PATH, {found}, may be a different MPI)" if found else ""
-        return f"MPI is not installed: there is no mpiexec next to {sys.executable}{where}. {fix}."
-    return None
-
-
-def _first_sentence(reason: Any) -> str:
-    text = " ".join(str(reason).split())
-    return text.partition(". ")[0].rstrip(".") or type(reason).__name__
-
-
-def executor_problem(executor: Any) -> str | None:
-    """Why ``executor`` can no longer run tasks, or ``None`` when it looks usable.
-
-    Reads the state the executors keep (nothing is submitted): a loky or stdlib process pool
-    whose worker died is broken, a pool that was shut down is closed, and an ipyparallel
-    executor is broken when no engine is left, or when an engine of its MPI world died.
-
-    Examples
-    --------
-    >>> from concurrent.futures import ThreadPoolExecutor
-    >>> pool = ThreadPoolExecutor(1)
-    >>> executor_problem(pool) is None
-    True
-    >>> pool.shutdown()
-    >>> executor_problem(pool)
-    'it was shut down'
-    >>> class Flags:  # what loky records when a worker dies
-    ...     broken, shutdown = RuntimeError("A worker was terminated. Details follow"), True
-    >>> executor_problem(type("Pool", (), {"_flags": Flags()})())
-    'A worker was terminated'
-    >>> executor_problem(None) is None  # "serial": evaluations run in the fit's thread
-    True
-    """
-    if executor is None:
-        return None
-    flags = getattr(executor, "_flags", None)  # loky keeps its state here
-    broken = getattr(flags, "broken", None) if flags is not None else None
-    broken = broken or getattr(executor, "_broken", None)  # stdlib pools
-    if broken:
-        return _first_sentence(broken)
-    if (
-        getattr(flags, "shutdown", False) is True
-        or getattr(executor, "_shutdown_thread", False) is True
-        or getattr(executor, "_shutdown", False) is True
-    ):
-        return "it was shut down"
-    if hasattr(executor, "n_engines") and hasattr(executor, "engines"):
-        return _cluster_problem(executor)
-    return None
-
-
-def _cluster_problem(executor: Any) -> str | None:
-    try:
-        n_up = executor.n_engines
-    except Exception:  # the client went away under us
-        n_up = 0
-    n_started = len(executor.engines)
-    if n_up == 0:
-        return "every engine has stopped or died"
-    if n_up < n_started and executor.mpi_size:
-        return (
-            f"{n_started - n_up} of {n_started} MPI engines stopped or died, so their MPI world "
-            "is broken"
-        )
-    return None
+_BATCH_SETTINGS = ("partition", "time_limit", "cores", "memory", "account", "extra_directives")
+_SETTINGS = (
+    "kind",
+    "workers",
+    "engines",
+    "profile",
+    "cluster_id",
+    "profile_dir",
+    "timeout",
+    *_BATCH_SETTINGS,
+)
 
 
 class ExecutorPicker(widgets.VBox):
@@ -165,12 +88,18 @@ class ExecutorPicker(widgets.VBox):
         Engines to start (``"ipyparallel"``, ``"mpi"``), or to wait for (``"connect"``).
     profile, cluster_id, profile_dir : str
         Where to find a running cluster (``"connect"``); empty means not given.
+    partition, time_limit, cores, memory, account, extra_directives
+        The batch options of ``"slurm"`` (ipyparallel engines as one Slurm job) and
+        ``"dask-slurm"`` (Dask workers as Slurm jobs): see
+        :class:`~chemfit.execution.slurm_batch.SlurmBatchOptions`; ``extra_directives`` is
+        ``"--qos=short; --constraint=x"``. Empty means Slurm's default. While the job waits in
+        the queue the status line says so, with the time waited.
     timeout : float
         Seconds to wait for engines to start or connect.
 
     Attributes
     ----------
-    kind, workers, engines, profile, cluster_id, profile_dir, timeout
+    kind, workers, engines, profile, cluster_id, profile_dir, timeout, partition, ...
         The settings, as traitlets linked to the controls. Changing one while a pool runs
         stops the pool (the next start builds the new one); while a cluster runs or a fit
         uses the executor, changing them raises ``RuntimeError`` (stop them first).
@@ -210,6 +139,13 @@ class ExecutorPicker(widgets.VBox):
     cluster_id = traitlets.Unicode("")
     profile_dir = traitlets.Unicode("")
     timeout = traitlets.Float(60.0)
+    # Batch options of "slurm" and "dask-slurm" (empty: Slurm's default).
+    partition = traitlets.Unicode("")
+    time_limit = traitlets.Unicode("")
+    cores = traitlets.Int(1)
+    memory = traitlets.Unicode("")
+    account = traitlets.Unicode("")
+    extra_directives = traitlets.Unicode("")
     state = traitlets.Unicode("idle")
     message = traitlets.Unicode("")
     locked = traitlets.Bool(False)
@@ -225,10 +161,17 @@ class ExecutorPicker(widgets.VBox):
         cluster_id: str = "",
         profile_dir: str = "",
         timeout: float = 60.0,
+        partition: str = "",
+        time_limit: str = "",
+        cores: int = 1,
+        memory: str = "",
+        account: str = "",
+        extra_directives: str = "",
         **box_kwargs: Any,
     ) -> None:
         self._lock = threading.RLock()
         self._executor: Any = None
+        self._info: ExecutorInfo | None = None  # executor_info(self._executor), once
         self._executor_kind: str | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -240,6 +183,8 @@ class ExecutorPicker(widgets.VBox):
         self.add_class("chemfit-executor-picker")
         settings = dict(kind=kind, workers=workers, engines=engines, profile=profile)
         settings.update(cluster_id=cluster_id, profile_dir=profile_dir, timeout=timeout)
+        settings.update(partition=partition, time_limit=time_limit, cores=cores, memory=memory)
+        settings.update(account=account, extra_directives=extra_directives)
         for name, value in settings.items():
             setattr(self, name, value)
         self._link_controls()
@@ -281,6 +226,25 @@ class ExecutorPicker(widgets.VBox):
         self.timeout_input = w.BoundedFloatText(
             min=0.1, max=3600, description="Timeout (s)", style=style, layout=item()
         )
+        self.partition_input = w.Text(
+            description="Partition", placeholder="(default)", style=style, layout=item()
+        )
+        self.time_input = w.Text(
+            description="Time limit", placeholder="e.g. 1:00:00", style=style, layout=item()
+        )
+        self.cores_input = w.BoundedIntText(
+            min=1, max=1024, description="Cores each", style=style, layout=item()
+        )
+        self.memory_input = w.Text(
+            description="Memory each", placeholder="e.g. 2GB", style=style, layout=item()
+        )
+        self.account_input = w.Text(
+            description="Account", placeholder="(default)", style=style, layout=item()
+        )
+        self.extra_input = w.Text(
+            description="#SBATCH", placeholder="--qos=short; --constraint=x", style=style,
+            layout=w.Layout(width="320px"),
+        )  # fmt: skip
         self.start_button = w.Button(
             description="Launch", icon="play", button_style="success",
             layout=w.Layout(width="100px"),
@@ -295,6 +259,9 @@ class ExecutorPicker(widgets.VBox):
         for widget, name in (
             (self.kind_dropdown, "chemfit-picker-kind"),
             (self.workers_input, "chemfit-picker-workers"),
+            (self.engines_input, "chemfit-picker-engines"),
+            (self.partition_input, "chemfit-picker-partition"),
+            (self.time_input, "chemfit-picker-time"),
             (self.start_button, "chemfit-picker-start"),
             (self.stop_button, "chemfit-picker-stop"),
             (self.status, "chemfit-picker-status"),
@@ -310,8 +277,10 @@ class ExecutorPicker(widgets.VBox):
         return [
             row([self.kind_dropdown, self.workers_input, self.engines_input, self.hint]),
             row([self.profile_input, self.cluster_id_input, self.profile_dir_input]),
+            row([self.partition_input, self.time_input, self.cores_input, self.memory_input,
+                 self.account_input, self.extra_input]),
             row([self.timeout_input, self.start_button, self.stop_button, self.status]),
-        ]
+        ]  # fmt: skip
 
     def _controls(self) -> dict[str, Any]:
         """Setting name -> its control."""
@@ -323,6 +292,12 @@ class ExecutorPicker(widgets.VBox):
             "cluster_id": self.cluster_id_input,
             "profile_dir": self.profile_dir_input,
             "timeout": self.timeout_input,
+            "partition": self.partition_input,
+            "time_limit": self.time_input,
+            "cores": self.cores_input,
+            "memory": self.memory_input,
+            "account": self.account_input,
+            "extra_directives": self.extra_input,
         }
 
     def _link_controls(self) -> None:
@@ -336,7 +311,7 @@ class ExecutorPicker(widgets.VBox):
         name, value = proposal["trait"].name, proposal["value"]
         if name == "kind" and value not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {value!r}")
-        if name in ("workers", "engines") and value < 1:
+        if name in ("workers", "engines", "cores") and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
         if name == "timeout" and not value > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {value}")
@@ -373,7 +348,8 @@ class ExecutorPicker(widgets.VBox):
             return 1
         if kind in _POOL_KINDS:
             return int(self.workers)
-        n_up = getattr(self._executor, "n_engines", 0) if self._executor is not None else 0
+        executor = self._executor
+        n_up = getattr(executor, "n_engines", getattr(executor, "n_workers", 0)) if executor else 0
         return int(n_up or self.engines)
 
     @property
@@ -394,7 +370,9 @@ class ExecutorPicker(widgets.VBox):
         for widget, visible in show.items():
             widget.layout.display = None if visible else "none"
         self.children[1].layout.display = None if kind == "connect" else "none"
-        self.engines_input.description = "Min engines" if kind == "connect" else "Engines"
+        self.children[2].layout.display = None if kind in _SLURM_KINDS else "none"
+        names = {"connect": "Min engines", "dask-slurm": "Workers"}
+        self.engines_input.description = names.get(kind, "Engines")
 
     def _idle_message(self) -> str:
         kind = self.kind
@@ -471,7 +449,7 @@ class ExecutorPicker(widgets.VBox):
         with self._lock:
             if self.state != "running" or self._executor is None:
                 return self.state == "running"
-            problem = executor_problem(self._executor)
+            problem = executor_problem(self._info)
             if problem is None:
                 return True
             self._broken = problem
@@ -556,9 +534,9 @@ class ExecutorPicker(widgets.VBox):
     def _begin_start(self) -> None:
         """Start creating the executor (call with the lock held, not while starting)."""
         kind = self.kind
-        old = (self._executor, self._executor_kind) if self._executor is not None else None
+        old = (self._info, self._executor_kind) if self._info is not None else None
         self._rebuilt = self._broken if old else ""
-        self._executor = None
+        self._executor = self._info = None
         self._monitor_stop.set()  # the old executor's monitor ends
         self._monitor_stop = threading.Event()
         self.error = None
@@ -588,7 +566,49 @@ class ExecutorPicker(widgets.VBox):
             return f"Starting {n}{new} MPI engines (one MPI world)..."
         if kind == "connect":
             return "Connecting to the running cluster..."
+        if kind == "slurm":
+            return f"Submitting a Slurm job for {n}{new} ipyparallel engines..."
+        if kind == "dask-slurm":
+            return f"Submitting {n}{new} Slurm jobs for Dask workers..."
         return f"Creating{new} {KINDS[kind].lower()}..."
+
+    def batch_options(self) -> dict:
+        """The batch options of the Slurm kinds, as ``make_executor`` takes them.
+
+        Examples
+        --------
+        >>> picker = ExecutorPicker("slurm", partition="debug", time_limit="10")
+        >>> picker.batch_options()
+        {'cores': 1, 'partition': 'debug', 'time': '10'}
+        >>> picker.close()
+        """
+        options: dict[str, Any] = {"cores": int(self.cores)}
+        for name, key in (("partition", "partition"), ("time_limit", "time")):
+            if getattr(self, name).strip():
+                options[key] = getattr(self, name).strip()
+        for name in ("memory", "account"):
+            if getattr(self, name).strip():
+                options[name] = getattr(self, name).strip()
+        extra = [part.strip() for part in self.extra_directives.split(";") if part.strip()]
+        if extra:
+            options["extra_directives"] = extra
+        return options
+
+    def _on_slurm_status(self, status: dict) -> None:
+        """Called while the Slurm job waits and its engines register (the starting thread)."""
+        state, waited = status.get("state"), status.get("waited", 0.0)
+        noun = "workers" if self._executor_kind == "dask-slurm" else "engines"
+        job = f"Slurm job {status.get('job_id') or '(submitting)'}"
+        if state == "PENDING":
+            text = (
+                f"Waiting in the Slurm queue: {job} pending for {waited:.0f} s (normal on a busy "
+                f"cluster); {status.get('engines', 0)} of {status.get('n')} {noun} up"
+            )
+        else:
+            up, n = status.get("engines", 0), status.get("n")
+            text = f"{job} {state}: {up} of {n} {noun} registered{'...' if up != n else ''}"
+        if text != self.message:
+            self.message = text
 
     def _options(self, kind: str) -> tuple[int | None, dict]:
         timeout = float(self.timeout)
@@ -598,6 +618,12 @@ class ExecutorPicker(widgets.VBox):
             return int(self.engines), {"timeout": timeout}
         if kind == "mpi":
             return int(self.engines), {"mpi": True, "timeout": timeout}
+        if kind == "slurm":
+            options = {"engines": "slurm", "timeout": timeout, "on_status": self._on_slurm_status}
+            return int(self.engines), {**options, **self.batch_options()}
+        if kind == "dask-slurm":
+            options = {"cluster": "slurm", "timeout": timeout, "on_status": self._on_slurm_status}
+            return int(self.engines), {**options, **self.batch_options()}
         connect = {
             "profile": self.profile.strip() or None,
             "cluster_id": self.cluster_id.strip() or None,
@@ -625,7 +651,8 @@ class ExecutorPicker(widgets.VBox):
                 executor = None
             else:
                 max_workers, options = self._options(kind)
-                kind_name = "ipyparallel" if kind in _CLUSTER_KINDS else kind
+                kind_name = "dask" if kind == "dask-slurm" else kind
+                kind_name = "ipyparallel" if kind_name in _CLUSTER_KINDS else kind_name
                 executor = make_executor(kind_name, max_workers, **options)
         except BaseException as exc:
             logger.debug("starting a %s executor failed", kind, exc_info=True)
@@ -637,6 +664,8 @@ class ExecutorPicker(widgets.VBox):
             return
         with self._lock:
             self._executor = executor
+            # What the executor is, worked out once (None for "serial": no executor).
+            self._info = executor_info(executor) if executor is not None else None
             self._set_state("running", self._running_message())
         self._ready.set()
         if kind in _WATCHED_KINDS:
@@ -649,6 +678,8 @@ class ExecutorPicker(widgets.VBox):
 
     def _error_message(self, kind: str, exc: BaseException, doing: str) -> str:
         what = "the cluster" if kind in _CLUSTER_KINDS else f"the {KINDS[kind].lower()}"
+        if type(exc).__name__ == "SlurmSubmitError":  # already in plain words
+            return f"{doing} {what} failed: {' '.join(str(exc).split())}"
         if isinstance(exc, TimeoutError) and kind in _CLUSTER_KINDS:
             detail = str(exc).strip().rstrip(".")
             return (
@@ -672,6 +703,9 @@ class ExecutorPicker(widgets.VBox):
         return text
 
     def _cluster_status(self, executor: Any) -> str:
+        if self._executor_kind == "dask-slurm":
+            jobs = ", ".join(f"{j} {s}" for j, s in executor.job_states.items())
+            return f"Running: {executor.n_workers} Dask workers up (Slurm jobs {jobs})"
         n_up, n_started = executor.n_engines, len(executor.engines)
         if n_up < n_started:
             text = f"Running: {n_up} of {n_started} engines up ({n_started - n_up} stopped or died)"
@@ -681,7 +715,9 @@ class ExecutorPicker(widgets.VBox):
                 text += f", MPI world size {executor.mpi_size}"
             elif self._executor_kind == "mpi":
                 text += ", not one MPI world"
-        if executor.cluster_id:
+        if getattr(executor, "job_id", None):
+            text += f", Slurm job {executor.job_id} {executor.job_state}"
+        elif executor.cluster_id:
             text += f" (cluster id {executor.cluster_id})"
         return text
 
@@ -725,11 +761,11 @@ class ExecutorPicker(widgets.VBox):
                 self._join_worker_thread("stopping")
             return
         with self._lock:
-            executor, kind = self._executor, self._executor_kind
+            info, kind = self._info, self._executor_kind
             self._monitor_stop.set()
-            self._executor = None
+            self._executor = self._info = None
             self._rebuilt = ""
-            if executor is None:  # nothing started, or "serial"
+            if info is None:  # nothing started, or "serial"
                 if self.state == "running":
                     self._set_state("stopped", "Stopped")
                 return
@@ -738,31 +774,31 @@ class ExecutorPicker(widgets.VBox):
             if not (kind in _POOL_KINDS or block):
                 self._thread = threading.Thread(
                     target=self._shutdown,
-                    args=(executor, kind),
+                    args=(info, kind),
                     name="chemfit-picker-stop",
                     daemon=True,
                 )
                 self._thread.start()
                 return
-        self._shutdown(executor, kind)
+        self._shutdown(info, kind)
 
     @staticmethod
-    def _shutdown_executor(executor: Any) -> None:
-        if type(executor).__module__.startswith("loky"):
-            executor.shutdown(wait=True, kill_workers=True)
+    def _shutdown_executor(info: ExecutorInfo) -> None:
+        if info.kind == "loky":
+            info.executor.shutdown(wait=True, kill_workers=True)
         else:
-            executor.shutdown(wait=True, cancel_futures=True)
+            info.executor.shutdown(wait=True, cancel_futures=True)
 
-    def _shutdown_quietly(self, executor: Any, kind: str | None) -> None:
+    def _shutdown_quietly(self, info: ExecutorInfo, kind: str | None) -> None:
         """Shut down a broken executor before replacing it; failures are only logged."""
         try:
-            self._shutdown_executor(executor)
+            self._shutdown_executor(info)
         except Exception:
             logger.debug("shutting down the broken %s executor failed", kind, exc_info=True)
 
-    def _shutdown(self, executor: Any, kind: str | None) -> None:
+    def _shutdown(self, info: ExecutorInfo, kind: str | None) -> None:
         try:
-            self._shutdown_executor(executor)
+            self._shutdown_executor(info)
         except Exception as exc:
             logger.debug("stopping the executor failed", exc_info=True)
             self.error = exc

@@ -4,7 +4,8 @@
 cell displays it. Start runs ``fitter.fit_nevergrad`` in a background thread, so the kernel
 stays free and the plot updates while the fit runs. Stop calls ``fitter.request_stop()``: no new
 candidate is asked, the evaluations in flight finish and are recorded, and the results stay in
-``fitter.result`` (``stopped=True``); no worker is left running.
+``fitter.result`` (``stopped=True``); no worker is left running. A Stop pressed while the fit is
+being started is that same request: the fit ends before its first evaluation.
 
 The budget is the number of evaluations of the whole fit. After Stop (or when the budget was
 raised after a finished fit) **Continue** goes on with the rest of it: the earlier evaluations
@@ -14,28 +15,35 @@ go on, and ``fitter.result`` covers the whole fit. **New fit** starts over. A st
 before the first evaluation) changes nothing: the plot, the table and ``fitter.result`` stay as
 they were, and the message says why.
 
-The executor the picker started keeps running for the next fit until the picker's Shut down
-(or closing the dashboard) stops it.
+The progress shown (count, best loss, best parameters) is read from the fit's history
+(``fitter.history``), which the live plot follows too. The executor the picker started keeps
+running for the next fit until the picker's Shut down (or closing the dashboard) stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import math
-import numbers
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from chemfit.core.exceptions import UnknownOptimizerError
 from chemfit.core.flatdict import flatten_dict
-from chemfit.fitting.optimizer_lookup import nevergrad_optimizer_class
 
 from ._jupyter import close_children, require_ipywidgets
+from .contributions_view import ContributionsPanel
+from .dashboard_controls import CONTROL_CLASSES, Controls
+from .dashboard_text import (
+    best_html,
+    log_html,
+    outcome_message,
+    plan_html,
+    running_message,
+    table_html,
+)
 from .executor_picker import KINDS, ExecutorPicker
+from .fit_plan import LogCollector, Plan, make_plan
 from .live_plot import LivePlot
 from .messages import describe_error, status_html
 
@@ -46,9 +54,7 @@ __all__ = ["FitDashboard", "FitStopped", "dashboard"]
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ["NgIohTuned", "NGOpt", "OnePlusOne", "CMA", "TwoPointsDE", "DE", "PSO"]
 _ACTIVE = ("starting", "running", "stopping")
-_LOCKED_TIP = "Locked while the fit runs: click Stop to change it"
 _LEVELS = {
     "starting": "busy",
     "running": "busy",
@@ -67,41 +73,15 @@ def _import_nevergrad() -> None:
 
 
 class FitStopped(KeyboardInterrupt):
-    """Raised in the dashboard's fit thread when Stop was clicked before the fit started.
+    """A fit that Stop ended before it started (kept for code that catches it).
 
-    A running fit is stopped with ``fitter.request_stop()`` instead, which ends it without an
-    exception.
+    The dashboard no longer raises it: Stop is ``fitter.request_stop()``, which ends a fit
+    that is still starting before its first evaluation, without an exception.
     """
 
 
 class _ExecutorFailed(RuntimeError):
     """The picker could not start (or rebuild) its executor; the message is the picker's."""
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one click of Start (or New fit) runs."""
-
-    total: int  # the budget: evaluations of the whole fit
-    new_evals: int  # evaluations this run adds
-    optimizer: str
-    mode: str
-    resume: bool  # continue the dashboard's fit (fit_nevergrad(resume=True))
-
-
-class _LogCollector(logging.Handler):
-    """Keeps the chemfit WARNING/ERROR messages of a fit (text only, never tracebacks)."""
-
-    def __init__(self, on_message: Any) -> None:
-        super().__init__(level=logging.WARNING)
-        self.on_message = on_message
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = " ".join(record.getMessage().split())
-        except Exception:  # a bad log call must not break the fit
-            return
-        self.on_message(f"{record.levelname.lower()}: {text[:300]}")
 
 
 class FitDashboard(widgets.VBox):
@@ -152,6 +132,9 @@ class FitDashboard(widgets.VBox):
         The error that ended (or prevented) the last run, if any.
     warnings : list of str
         chemfit WARNING/ERROR log messages of the last run (also shown in the widget).
+    contributions_panel : ContributionsPanel
+        After a fit of a combined objective: ``fitter.contributions()`` (term, weight, loss,
+        share) at the best parameters; empty otherwise, or when it cannot be computed.
 
     Examples
     --------
@@ -181,6 +164,7 @@ class FitDashboard(widgets.VBox):
     mode = traitlets.Unicode("batch")
     can_continue = traitlets.Bool(False)
     _initialised = False
+    _setting_state = False
 
     def __init__(
         self,
@@ -211,13 +195,17 @@ class FitDashboard(widgets.VBox):
         self._owns_plot = plot is None
         self.plot = plot if plot is not None else LivePlot(**(plot_options or {}))
         self._init_run_state()
-        super().__init__(children=self._make_rows(optimizer), **box_kwargs)
+        self.controls = Controls(optimizer)
+        for name in CONTROL_CLASSES:  # the controls are attributes of the dashboard too
+            setattr(self, name, getattr(self.controls, name))
+        self.contributions_panel = ContributionsPanel()  # after a fit of a combined objective
+        rows = self.controls.rows(
+            self._header(), self.picker, self.plot, below=self.contributions_panel
+        )
+        super().__init__(children=rows, **box_kwargs)
         self.add_class("chemfit-dashboard")
         self.budget, self.optimizer, self.mode = budget, optimizer, mode
-        self._link_controls()
-        self.observe(self._on_state_change, names=["state", "message"])
-        self.observe(self._on_budget_change, names="budget")
-        self.observe(self._on_can_continue, names="can_continue")
+        self._wire_controls()
         self._set_state("idle", "Ready: choose where to run, then click Start fit")
         self._on_can_continue()
         self._on_budget_change({"new": self.budget})
@@ -230,109 +218,31 @@ class FitDashboard(widgets.VBox):
         self.error: BaseException | None = None
         self.warnings: list[str] = []
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._ui_lock = threading.Lock()
         self._ui_timer: threading.Timer | None = None
-        self._plan: _Plan | None = None
-        self._fresh = False  # the running fit is new: forget the shown one at its first record
+        self._last_ui = -math.inf
+        self._plan: Plan | None = None
+        self._history: Any = None  # the FitHistory shown (the fit's, from its first record)
         self._session_result: Any = None  # fitter.result after the dashboard's last evaluations
-        self._run_evals = 0
-        self._reset_progress()
+        self._fresh = False  # the running fit is new: forget the shown one at its first record
+        self._run_started = False  # the running fit's first record came
+        self._n_before = 0  # evaluations shown when the run started (it adds the rest)
+        self._fit_over = True  # the run's fit_nevergrad returned (a Stop now is too late)
 
-    # -- controls -----------------------------------------------------------------------------
-
-    def _make_rows(self, optimizer: str) -> list:
-        """Create the controls; returns the rows of the widget."""
-        w = widgets
-        style = {"description_width": "70px"}
-        self.budget_input = w.BoundedIntText(
-            min=1, max=10_000_000, description="Budget", style=style,
-            layout=w.Layout(width="180px"),
-        )  # fmt: skip
-        self.optimizer_input = w.Combobox(
-            options=OPTIMIZERS if optimizer in OPTIMIZERS else [optimizer, *OPTIMIZERS],
-            ensure_option=False, description="Optimizer", style=style,
-            layout=w.Layout(width="240px"),
-        )  # fmt: skip
-        self.mode_input = w.Dropdown(
-            options=[("batch", "batch"), ("async", "async")], description="Mode", style=style,
-            layout=w.Layout(width="170px"),
-        )  # fmt: skip
-        #: What Start will do (continue, and how far) and what New fit does.
-        self.plan_label = w.HTML()
-        self.start_button = w.Button(
-            description="Start fit", icon="play", button_style="success",
-            layout=w.Layout(width="110px"),
-        )  # fmt: skip
-        self.new_button = w.Button(
-            description="New fit", icon="refresh", layout=w.Layout(width="100px")
-        )
-        self.stop_button = w.Button(
-            description="Stop", icon="stop", button_style="danger", disabled=True,
-            layout=w.Layout(width="90px"),
-        )  # fmt: skip
-        self.progress = w.IntProgress(min=0, layout=w.Layout(width="220px", flex="1 1 auto"))
-        self.progress_label = w.Label()
-        self.best_label = w.HTML()
-        self.table = w.HTML()
-        self.status = w.HTML()
-        self.log_view = w.HTML()
-        self._add_classes()
-        self.start_button.on_click(self._on_start_click)
-        self.new_button.on_click(self._on_new_click)
-        self.stop_button.on_click(lambda _button: self.stop(wait=False))
-
-        def row(children: list) -> Any:  # one Layout per row
-            layout = w.Layout(flex_flow="row wrap", align_items="center", width="100%")
-            return w.HBox(children, layout=layout)
-
-        side = w.VBox(
-            [self.best_label, self.table, self.status, self.log_view],
-            layout=w.Layout(min_width="240px", max_width="420px", flex="1 1 260px", padding="4px"),
-        )
+    def _header(self) -> Any:
         n_params = len(flatten_dict(self.fitter.initial_parameters))
-        header = w.HTML(
+        return widgets.HTML(
             f"<b>chemfit fit dashboard</b> &mdash; {n_params} parameter"
             f"{'s' if n_params != 1 else ''}"
         )
-        return [
-            header,
-            self.picker,
-            row([self.budget_input, self.optimizer_input, self.mode_input, self.plan_label]),
-            row(
-                [
-                    self.start_button,
-                    self.new_button,
-                    self.stop_button,
-                    self.progress,
-                    self.progress_label,
-                ]
-            ),
-            row([self.plot, side]),
-        ]
 
-    def _add_classes(self) -> None:
-        for widget, name in (
-            (self.budget_input, "chemfit-budget"),
-            (self.optimizer_input, "chemfit-optimizer"),
-            (self.mode_input, "chemfit-mode"),
-            (self.plan_label, "chemfit-plan"),
-            (self.start_button, "chemfit-start"),
-            (self.new_button, "chemfit-new-fit"),
-            (self.stop_button, "chemfit-stop"),
-            (self.progress, "chemfit-progress"),
-            (self.progress_label, "chemfit-progress-label"),
-            (self.best_label, "chemfit-best-loss"),
-            (self.table, "chemfit-best-table"),
-            (self.status, "chemfit-status"),
-            (self.log_view, "chemfit-log"),
-        ):
-            widget.add_class(name)
-
-    def _link_controls(self) -> None:
-        widgets.link((self, "budget"), (self.budget_input, "value"))
-        widgets.link((self, "optimizer"), (self.optimizer_input, "value"))
-        widgets.link((self, "mode"), (self.mode_input, "value"))
+    def _wire_controls(self) -> None:
+        controls = self.controls
+        controls.start_button.on_click(self._on_start_click)
+        controls.new_button.on_click(self._on_new_click)
+        controls.stop_button.on_click(lambda _button: self.stop(wait=False))
+        for name, control in zip(("budget", "optimizer", "mode"), controls.settings):
+            widgets.link((self, name), (control, "value"))
 
     @traitlets.validate("budget")
     def _validate_budget(self, proposal: Any) -> int:
@@ -350,73 +260,48 @@ class FitDashboard(widgets.VBox):
     # -- state --------------------------------------------------------------------------------
 
     def _set_state(self, state: str, message: str) -> None:
-        self.message = message
-        self.state = state
+        """Set the message, then the state (an observer of ``state`` sees the new message),
+        and show both at once."""
+        self._setting_state = True
+        try:
+            self.message = message
+            self.state = state
+        finally:
+            self._setting_state = False
+        self._show_state()
 
+    @traitlets.observe("state", "message")
     def _on_state_change(self, _change: Any = None) -> None:
-        self.status.value = status_html(self.message, _LEVELS.get(self.state, "info"))
+        if not self._setting_state:  # set from code (dash.message = ...), not by _set_state
+            self._show_state()
+
+    def _show_state(self) -> None:
         active = self.state in _ACTIVE
         self.can_continue = not active and self._continuable()
-        self.start_button.disabled = active
-        self.new_button.disabled = active or not self.can_continue
-        self.stop_button.disabled = not active or self.state == "stopping"
-        self.stop_button.tooltip = None if active else "No fit is running"
-        for control in (self.budget_input, self.optimizer_input, self.mode_input):
-            control.disabled = active
-            control.tooltip = _LOCKED_TIP if active else None
-        if not active:
-            self.budget_input.tooltip = "Evaluations of the whole fit: Continue runs the rest"
-        self.new_button.tooltip = (
-            _LOCKED_TIP
-            if active
-            else "Forget this fit (plot, table) and start a new one"
-            if self.can_continue
-            else "Nothing to start over yet: Start fit starts a new fit"
-        )
+        self.controls.show_state(active, self.state == "stopping", self.can_continue)
         self.picker.locked = active
         self._update_plan()
+        # Last: when the page shows the words, the buttons already match them.
+        self.status.value = status_html(self.message, _LEVELS.get(self.state, "info"))
 
+    @traitlets.observe("can_continue")
     def _on_can_continue(self, _change: Any = None) -> None:
-        if self.can_continue:
-            self.start_button.description = "Continue"
-            self.start_button.tooltip = (
-                "Go on with this fit until the budget (evaluations in all) is used; the "
-                "evaluations so far are told to the optimizer"
-            )
-        else:
-            self.start_button.description = "Start fit"
-            self.start_button.tooltip = "Start a new fit of 'Budget' evaluations"
+        self.controls.show_continue(self.can_continue)
 
+    @traitlets.observe("budget")
     def _on_budget_change(self, change: Any) -> None:
         if not self.running:
             self.progress.max = max(1, int(change["new"]))
-            self.progress.value = min(self._n_evals, self.progress.max)
-            self.progress_label.value = f"{self._n_evals} / {self.progress.max}"
+            self.controls.show_progress(self.n_evals, self.progress.max)
         self._update_plan()
 
     def _update_plan(self) -> None:
-        """Say what Continue would run (and that New fit starts over)."""
-        text = ""
-        if self.can_continue:
-            left = self.budget - self._n_evals
-            if left > 0:
-                text = (
-                    f"Continue runs {left} more, to the budget of {self.budget} in all; "
-                    "New fit starts over"
-                )
-            else:
-                text = (
-                    f"All {self.budget} evaluations of the budget are done: raise it to "
-                    "continue, or click New fit"
-                )
-        self.plan_label.value = (
-            f'<span style="font-size: 0.85em; opacity: 0.8">{html.escape(text)}</span>'
-        )
+        self.plan_label.value = plan_html(self.can_continue, self.budget, self.n_evals)
 
     def _continuable(self) -> bool:
         """Whether the fit shown can go on (``fitter.result`` is still the dashboard's)."""
         result = self._session_result
-        return result is not None and self.fitter.result is result and self._n_evals > 0
+        return result is not None and self.fitter.result is result and self.n_evals > 0
 
     @property
     def running(self) -> bool:
@@ -431,44 +316,18 @@ class FitDashboard(widgets.VBox):
     @property
     def n_evals(self) -> int:
         """Evaluations of the fit shown: all its runs (Start, Stop, Continue, ...)."""
-        return self._n_evals
+        return len(self._history) if self._history is not None else 0
+
+    def _best(self) -> Any:
+        """The best record of the fit shown (its history's), or None."""
+        return self._history.best() if self._history is not None else None
 
     # -- progress -----------------------------------------------------------------------------
 
-    def _reset_progress(self) -> None:
-        self._n_evals = 0
-        self._best_loss = math.inf
-        self._best_params: dict | None = None
-        self._best_index: int | None = None
-        self._last_ui = -math.inf
-
-    def _begin_fresh(self) -> None:
-        """At a new fit's first record: forget the fit shown (plot, table, progress)."""
-        self._fresh = False
-        timer = self._ui_timer
-        if timer is not None:
-            timer.cancel()
-        with self._ui_lock:
-            self._reset_progress()
-        total = self._plan.total if self._plan is not None else self.budget
-        self.progress.max = total
-        self.plot.reset(
-            expected=total,
-            names=list(flatten_dict(self.fitter.initial_parameters)),
-            bounds=self.fitter.bounds,
-            objective=self.fitter,  # the legend names the terms
-        )
-
     def _on_record(self, record: Any) -> None:
-        """Evaluation callback (fit thread): count, track the best, feed the plot, refresh."""
-        if self._fresh:
-            self._begin_fresh()
-        self._n_evals += 1
-        self._run_evals += 1
-        if not record.penalised and record.loss < self._best_loss:
-            self._best_loss = record.loss
-            self._best_params = record.parameters
-            self._best_index = self._n_evals
+        """Evaluation callback (fit thread): the record is in ``fitter.history`` already."""
+        if not self._run_started:
+            self._first_record()
         self.plot.on_evaluation(record)
         now = time.perf_counter()
         if now - self._last_ui >= self.ui_interval:
@@ -478,49 +337,46 @@ class FitDashboard(widgets.VBox):
             self._ui_timer.daemon = True
             self._ui_timer.start()
 
-    def _on_step(self, step: int, contexts: Any) -> None:
-        """Step callback (fit thread): passes on a Stop clicked while the fit was starting
-        (the fitter clears stop requests made before its fit began)."""
-        if self._stop.is_set() and not self.fitter.stop_requested:
-            self.fitter.request_stop()
+    def _first_record(self) -> None:
+        """At the run's first record: show the fit's history (a new fit replaces the one shown:
+        plot, table, progress)."""
+        self._run_started = True
+        if self._fresh:
+            self._fresh = False
+            self._cancel_ui_timer()
+            self.progress.max = self._plan.total if self._plan is not None else self.budget
+            self.plot.reset(
+                expected=self.progress.max,
+                names=list(flatten_dict(self.fitter.initial_parameters)),
+                bounds=self.fitter.bounds,
+                objective=self.fitter,  # the legend names the terms
+            )
+        self._history = self.fitter.history
+        self.plot.follow(self._history)
+
+    def _cancel_ui_timer(self) -> None:
+        timer = self._ui_timer
+        if timer is not None:
+            timer.cancel()
 
     def _on_log(self, text: str) -> None:
         self.warnings.append(text)
-        shown = self.warnings[-3:]
-        more = len(self.warnings) - len(shown)
-        lines = "".join(f"<div>{html.escape(t)}</div>" for t in shown)
-        if more:
-            lines += f"<div>(and {more} earlier)</div>"
-        self.log_view.value = (
-            f'<div style="font-size: 0.85em; color: var(--jp-warn-color1, #f57c00)">{lines}</div>'
-        )
+        self.log_view.value = log_html(self.warnings)
 
     def _refresh_ui(self) -> None:
         with self._ui_lock:
             self._ui_timer = None
             self._last_ui = time.perf_counter()
-            n, budget = self._n_evals, self.progress.max
-            self.progress.value = min(n, budget)
-            self.progress_label.value = f"{n} / {budget}"
-            if self._best_params is None:
-                self.best_label.value = "Best loss: &mdash; (no evaluation yet)"
-                self.table.value = ""
-                return
-            self.best_label.value = (
-                f"Best loss: <b>{self._best_loss:.6g}</b> (evaluation {self._best_index} of {n})"
+            n, best = self.n_evals, self._best()
+            self.controls.show_progress(n, self.progress.max)
+            history = self._history
+            self.best_label.value = best_html(
+                best,
+                n,
+                n_failed=getattr(history, "n_failed", 0),
+                n_lost=getattr(history, "n_lost", 0),
             )
-            rows = "".join(
-                f"<tr><td>{html.escape(key)}</td><td style='text-align:right'>{value:.6g}</td></tr>"
-                for key, value in flatten_dict(self._best_params).items()
-            )
-            self.table.value = (
-                "<table style='border-collapse: collapse; font-size: 0.9em'>"
-                "<tr><th style='text-align:left'>parameter</th><th>best value</th></tr>"
-                f"{rows}"
-                f"<tr><td>loss</td><td style='text-align:right'>{self._best_loss:.6g}</td></tr>"
-                f"<tr><td>evaluations</td><td style='text-align:right'>{n}</td></tr>"
-                "</table>"
-            )
+            self.table.value = table_html(best, n)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -565,7 +421,13 @@ class FitDashboard(widgets.VBox):
         """
         if self.running:
             raise RuntimeError("a fit is already running; click Stop (or call stop()) first")
-        plan = self._make_plan(budget, optimizer, mode, new)
+        plan = make_plan(
+            self.budget if budget is None else budget,
+            self.optimizer if optimizer is None else optimizer,
+            self.mode if mode is None else mode,
+            resume=not new and self._continuable(),
+            done=self.n_evals,
+        )
         verb = "Continuing" if plan.resume else "Starting"
         if not new and not plan.resume and self.can_continue:  # the button read Continue
             verb = "fitter.result was replaced by a fit run outside the dashboard: starting anew"
@@ -578,45 +440,16 @@ class FitDashboard(widgets.VBox):
         """Start a new fit (what New fit does): ``start(..., new=True)``."""
         self.start(budget, optimizer, mode, new=True)
 
-    def _make_plan(
-        self, budget: int | None, optimizer: str | None, mode: str | None, new: bool
-    ) -> _Plan:
-        """Check the settings (raises ``ValueError``) and decide what to run; changes nothing."""
-        total = self.budget if budget is None else budget
-        if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
-            raise ValueError(
-                f"the budget must be a whole number of evaluations >= 1, got {total!r}"
-            )
-        name = self.optimizer if optimizer is None else optimizer
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("choose an optimizer, e.g. NgIohTuned or OnePlusOne")
-        try:
-            nevergrad_optimizer_class(name.strip())
-        except UnknownOptimizerError as exc:  # it names the closest ones; say it in UI words
-            raise UnknownOptimizerError(
-                str(exc).replace("optimizer_str", "the optimizer")
-            ) from None
-        mode = self.mode if mode is None else mode
-        if mode not in ("batch", "async"):
-            raise ValueError(f"mode must be 'batch' or 'async', got {mode!r}")
-        resume = not new and self._continuable()
-        done = self._n_evals if resume else 0
-        if total <= done:
-            raise ValueError(
-                f"all {total} evaluations of the budget are done ({done} so far). The budget "
-                "counts every evaluation of this fit: raise it to continue, or click New fit "
-                "to start over"
-            )
-        return _Plan(int(total), int(total - done), name.strip(), mode, resume)
-
-    def _launch(self, plan: _Plan, message: str) -> None:
-        self._stop.clear()
+    def _launch(self, plan: Plan, message: str) -> None:
         self.error = None
         self.warnings = []
         self.log_view.value = ""
+        self.contributions_panel.clear()
         self._plan = plan
         self._fresh = not plan.resume
-        self._run_evals = 0
+        self._run_started = False
+        self._n_before = self.n_evals if plan.resume else 0
+        self._fit_over = False
         if plan.resume:  # the plot and the progress bar go on, to the (new) budget
             self.progress.max = plan.total
             self.plot.expected = plan.total
@@ -633,32 +466,17 @@ class FitDashboard(widgets.VBox):
         except RuntimeError as exc:
             raise _ExecutorFailed(self.picker.message) from exc
 
-    def _run(self, plan: _Plan) -> None:
+    def _run(self, plan: Plan) -> None:
         fitter = self.fitter
         before = fitter.result
-        collector = _LogCollector(self._on_log)
+        collector = LogCollector(self._on_log)
         logging.getLogger("chemfit").addHandler(collector)
-        fitter.register_evaluation_callback(self._on_record)
-        fitter.register_callback(self._on_step, 1)
+        handle = fitter.register_evaluation_callback(self._on_record)
         outcome, message = "finished", ""
         t0 = time.perf_counter()
         try:
-            executor = self._executor()
-            if self._stop.is_set():
-                raise FitStopped("stopped before the fit started")
-            self._set_state("running", self._running_message(plan))
-            options = {"progress": False, **self.fit_options, "resume": plan.resume}
-            fitter.fit_nevergrad(
-                budget=plan.new_evals,
-                optimizer_str=plan.optimizer,
-                num_workers=self.picker.num_workers,
-                executor=executor,
-                mode=plan.mode,
-                **options,
-            )
-            if self._stop.is_set():
-                outcome = "stopped"
-        except KeyboardInterrupt:  # FitStopped, or an interrupt that reached this thread
+            outcome = self._fit(plan)
+        except KeyboardInterrupt:  # an interrupt that reached this thread
             outcome = "stopped"
         except _ExecutorFailed as exc:
             self.error = exc
@@ -668,80 +486,56 @@ class FitDashboard(widgets.VBox):
             self.error = exc
             outcome, message = "error", describe_error(exc, "The fit")
         finally:
-            self._detach(collector)
+            self._fit_over = True
+            fitter.remove_callback(handle)
+            logging.getLogger("chemfit").removeHandler(collector)
             self._end_run(plan, before, outcome, message, time.perf_counter() - t0)
 
-    def _running_message(self, plan: _Plan) -> str:
-        where = KINDS.get(self.picker.kind, self.picker.kind).lower()
-        at_once = f"{self.picker.num_workers} at a time on {where}"
-        if plan.resume:
-            return (
-                f"Continuing with {plan.optimizer} ({plan.mode}): {plan.new_evals} more "
-                f"evaluations, {at_once}"
-            )
-        return f"Running {plan.optimizer} ({plan.mode}), {at_once}"
+    def _fit(self, plan: Plan) -> str:
+        """Run ``plan`` (a Stop pressed meanwhile is the fitter's request); its outcome."""
+        executor = self._executor()
+        if self.state == "starting":  # not "stopping": a Stop came while starting
+            where = KINDS.get(self.picker.kind, self.picker.kind).lower()
+            self._set_state("running", running_message(plan, where, self.picker.num_workers))
+        options = {"progress": False, **self.fit_options, "resume": plan.resume}
+        self.fitter.fit_nevergrad(
+            budget=plan.new_evals,
+            optimizer_str=plan.optimizer,
+            num_workers=self.picker.num_workers,
+            executor=executor,
+            mode=plan.mode,
+            **options,
+        )
+        return "stopped" if self.fitter.result.stopped else "finished"
 
-    def _detach(self, collector: logging.Handler) -> None:
-        fitter = self.fitter
-        fitter.evaluation_callbacks[:] = [
-            f for f in fitter.evaluation_callbacks if f != self._on_record
-        ]
-        fitter.callbacks[:] = [(f, n) for f, n in fitter.callbacks if f != self._on_step]
-        logging.getLogger("chemfit").removeHandler(collector)
-
-    def _end_run(
-        self, plan: _Plan, before: Any, outcome: str, message: str, seconds: float
-    ) -> None:
+    def _end_run(self, plan: Plan, before: Any, outcome: str, message: str, seconds: float) -> None:
         """Keep what the run added; a run that evaluated nothing leaves everything as it was."""
-        if self._run_evals == 0:
+        if not self._run_started:
             self._fresh = False
             self.fitter.result = before
         else:
             self._session_result = self.fitter.result
+            self._history = self.fitter.history  # the result's (the fit's, once it ended)
             try:
+                self.plot.follow(self._history)
                 self.plot.finish()
             except Exception:
                 logger.warning("drawing the final plot failed", exc_info=True)
-        timer = self._ui_timer
-        if timer is not None:
-            timer.cancel()
+        self._cancel_ui_timer()
         self._refresh_ui()
         if outcome == "error":
             self.picker.check()  # a pool whose worker died shows as broken
-        self._set_state(outcome, self._outcome_message(outcome, message, plan, seconds))
-
-    def _outcome_message(self, outcome: str, message: str, plan: _Plan, seconds: float) -> str:
-        n, k = self._n_evals, self._run_evals
-        best = f"best loss {self._best_loss:.6g}" if self._best_params is not None else "no result"
-        if outcome == "finished":
-            done = f"{k} more in {seconds:.1f} s" if plan.resume else f"in {seconds:.1f} s"
-            return f"Finished: {n} evaluations ({done}), {best}. The result is in fitter.result"
-        if outcome == "stopped":
-            if n == 0:
-                return "Stopped before any evaluation"
-            if k == 0:
-                return (
-                    f"Stopped before any new evaluation; fitter.result still holds the {n} "
-                    f"evaluations so far ({best})"
-                )
-            return (
-                f"Stopped after {n} evaluations ({best}), kept in fitter.result. Continue "
-                "goes on from here; New fit starts over"
-            )
-        message = message.rstrip(".")
-        if n and k == 0:
-            return (
-                f"{message}. Nothing was changed: the plot, the table and fitter.result still "
-                f"hold the {n} evaluations so far"
-            )
-        if n:
-            return f"{message}. The {n} evaluations so far are kept in fitter.result"
-        return message
+        added = self.n_evals - self._n_before if self._run_started else 0
+        text = outcome_message(outcome, message, plan, self.n_evals, added, self._best(), seconds)
+        self._set_state(outcome, text)
+        if outcome != "error" and self._run_started:  # one evaluation, in this (fit) thread
+            self.contributions_panel.show_for(self.fitter)
 
     def stop(self, wait: bool = True, timeout: float = 60) -> None:
         """Stop the running fit once its evaluations in flight finish; every result is kept.
 
-        Start (Continue) goes on from there; New fit starts over.
+        A fit that is still starting ends before its first evaluation. Start (Continue) goes
+        on from there; New fit starts over.
 
         Parameters
         ----------
@@ -750,8 +544,8 @@ class FitDashboard(widgets.VBox):
         """
         if not self.running:
             return
-        self._stop.set()
-        self.fitter.request_stop()
+        if not self._fit_over:  # a request after the fit ended would stop the next one
+            self.fitter.request_stop()
         if self.state in ("starting", "running"):
             self._set_state("stopping", "Stopping once the evaluations in flight finish...")
         if wait and self._thread is not None and self._thread is not threading.current_thread():
@@ -807,7 +601,7 @@ class FitDashboard(widgets.VBox):
 
     def _still_running(self, timeout: float | None) -> TimeoutError:
         return TimeoutError(
-            f"the fit is still running after {timeout} s ({self._n_evals} evaluations so "
+            f"the fit is still running after {timeout} s ({self.n_evals} evaluations so "
             "far); wait again, or stop()"
         )
 
@@ -827,7 +621,7 @@ class FitDashboard(widgets.VBox):
         super().close()
 
     def __repr__(self) -> str:
-        return f"FitDashboard(state={self.state!r}, evaluations={self._n_evals})"
+        return f"FitDashboard(state={self.state!r}, evaluations={self.n_evals})"
 
 
 def dashboard(fitter: Any, **options: Any) -> FitDashboard:

@@ -14,8 +14,10 @@ reduction is classified by its signature (see :attr:`CombinedObjectiveFunction.r
 An :class:`ExceptionHandler` decides what a failing term contributes: re-raise, ``nan`` or
 ``None`` (the term is skipped).
 
-The evaluation steps are public methods so that parallel wrappers reuse them piecewise and
-produce exactly the serial value and meta data; see :meth:`CombinedObjectiveFunction.evaluate_terms`.
+The combined objective owns its evaluation recipe (:meth:`CombinedObjectiveFunction.evaluate`):
+prepare the context, spawn and configure the children, run the terms, collect the children,
+filter and reduce. A parallel wrapper supplies only how the terms run (``run_terms``), so its
+value and ``ctx.meta`` are the serial ones by construction.
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ class ExceptionHandler(Protocol):
     """
 
     def __call__(self, exception: Exception, ctx: EvaluateContext, idx: int) -> float | None: ...
+
+
+#: How a parallel wrapper runs the terms of one call (see
+#: :meth:`CombinedObjectiveFunction.evaluate`): ``run_terms(parameters, children)`` returns one
+#: value per term, in term order.
+_RunTerms = Callable[[dict, list[EvaluateContext]], Sequence[float | None]]
 
 
 # -- reducers -----------------------------------------------------------------------------------
@@ -612,6 +620,32 @@ class CombinedObjectiveFunction(ObjectiveFunctor):
             return self.exception_handler(exception, ctx, idx)
         return value * self.weights[idx]
 
+    def run_term(self, parameters: dict, idx: int, child: EvaluateContext) -> float | None:
+        """Evaluate term ``idx`` in ``child`` and collect the child's own children into its meta.
+
+        :meth:`evaluate_term`, then ``child.collect_child_meta_data()`` (also when the term's
+        exception handler raises). A term that runs sub-evaluations of its own (it spawns
+        children of ``child``) thus has them in ``child.meta["children"]``, which travels back
+        with ``child.to_result_state()`` when the term ran in another process or on another
+        rank. Parallel wrappers run this where the term runs.
+
+        Examples
+        --------
+        >>> from chemfit.core.wrapping import WrappedObjectiveFunctor
+        >>> def two_sub_evaluations(parameters, ctx):
+        ...     for i, grandchild in enumerate(ctx.spawn_children(2)):
+        ...         grandchild.loss = float(i)
+        ...     return 1.0
+        >>> cob = CombinedObjectiveFunction([WrappedObjectiveFunctor(two_sub_evaluations, True)])
+        >>> child = EvaluateContext()
+        >>> cob.run_term({}, 0, child), [g["loss"] for g in child.meta["children"]]
+        (1.0, [0.0, 1.0])
+        """
+        try:
+            return self.evaluate_term(parameters, idx, child)
+        finally:
+            child.collect_child_meta_data(recursive=True)
+
     def filter_terms(self, terms: Sequence[float | None], ctx: EvaluateContext) -> list[float]:
         """Drop skipped terms (``None``); write ``ctx.meta["skipped_indices"]``.
 
@@ -660,22 +694,11 @@ class CombinedObjectiveFunction(ObjectiveFunctor):
     def evaluate_terms(self, parameters: dict, ctx: EvaluateContext) -> list[float]:
         """Evaluate all terms serially and return the kept ones.
 
-        Runs :meth:`prepare_context`, then every :meth:`evaluate_term` inside
-        ``ctx.child_contexts(n, self.child_context_configurator)`` (so the children are
-        collected into ``ctx.meta["children"]`` even if a term raises), then
-        :meth:`filter_terms`.
-
-        A parallel wrapper reproduces this piecewise, which gives the serial value and meta
-        exactly::
-
-            ctx = cob.prepare_context(parameters, ctx)
-            with ctx.child_contexts(cob.n_terms(), cob.child_context_configurator) as children:
-                # run cob.evaluate_term(parameters, idx, child) elsewhere for each idx, then
-                # apply each worker's child.to_result_state() to children[idx] here, inside
-                # the block, so that the collected children meta is up to date
-                terms = ...  # all values in index order, None for skipped terms
-            kept = cob.filter_terms(terms, ctx)
-            ctx.loss = cob.apply_reduction(kept, ctx)
+        Runs :meth:`prepare_context`, then :meth:`evaluate_term` for every term inside
+        ``ctx.child_contexts(n, self.child_context_configurator)`` (so the children, with the
+        terms' own sub-evaluations, are collected into ``ctx.meta["children"]`` even if a term
+        raises), then
+        :meth:`filter_terms`. :meth:`evaluate` runs these steps and reduces.
 
         Examples
         --------
@@ -684,24 +707,98 @@ class CombinedObjectiveFunction(ObjectiveFunctor):
         >>> cob.evaluate_terms({}, ctx), sorted(ctx.meta)
         ([1.0, 4.0], ['children', 'n_terms', 'skipped_indices'])
         """
+        return self._kept_terms(parameters, ctx, self._run_terms_serially)
+
+    def _run_terms_serially(
+        self, parameters: dict, children: list[EvaluateContext]
+    ) -> list[float | None]:
+        # run_term without its early collect: these children are collected (recursively, so
+        # with the terms' own sub-evaluations) when the child_contexts block ends
+        evaluate_term = self.evaluate_term
+        return [evaluate_term(parameters, idx, child) for idx, child in enumerate(children)]
+
+    def _kept_terms(
+        self, parameters: dict, ctx: EvaluateContext | None, run_terms: _RunTerms
+    ) -> list[float]:
+        """The recipe up to the reduction: prepare, spawn and configure, run, collect, filter."""
         ctx = self.prepare_context(parameters, ctx)
-        with ctx.child_contexts(self.n_terms(), self.child_context_configurator) as children:
-            terms = [
-                self.evaluate_term(parameters, idx, child) for idx, child in enumerate(children)
-            ]
+        n_terms = self.n_terms()
+        with ctx.child_contexts(n_terms, self.child_context_configurator) as children:
+            terms = run_terms(parameters, children)
+            if len(terms) != n_terms:
+                raise ValueError(
+                    f"run_terms returned {len(terms)} values for {n_terms} terms; return one "
+                    "value per term in term order (None for a skipped term)"
+                )
         return self.filter_terms(terms, ctx)
+
+    def evaluate(
+        self,
+        parameters: dict,
+        ctx: EvaluateContext | None = None,
+        *,
+        run_terms: _RunTerms | None = None,
+    ) -> float:
+        """Evaluate the objective; ``run_terms`` says how the terms run (default: here, in order).
+
+        The recipe: :meth:`prepare_context`; spawn ``n_terms()`` children of ``ctx`` and run the
+        configurator on them (absolute indices); ``run_terms(parameters, children)``; collect
+        the children into ``ctx.meta["children"]`` (also when a step raises);
+        :meth:`filter_terms`; :meth:`apply_reduction`, whose value becomes ``ctx.loss``.
+
+        ``run_terms`` must return one value per term in term order (what :meth:`run_term`
+        returned, ``None`` for a skipped term). A term that ran elsewhere, on a copy of its
+        child, is applied back with ``children[idx].apply_result_state(state)`` before
+        ``run_terms`` returns or raises. When terms fail, ``run_terms`` applies the states of
+        those that ran and raises the exception of the lowest term index, as a serial call
+        would. Then value and ``ctx.meta`` equal the serial ones (R20).
+
+        Parameters
+        ----------
+        parameters : dict
+            The parameters.
+        ctx : EvaluateContext, optional
+            The context; a new one if ``None``.
+        run_terms : callable, optional
+            ``run_terms(parameters, children) -> list[float | None]``; default: each term in
+            this thread, in order (as :meth:`run_term` would).
+
+        Returns
+        -------
+        float
+            The loss, also stored in ``ctx.loss``.
+
+        Examples
+        --------
+        >>> from concurrent.futures import ThreadPoolExecutor
+        >>> cob = CombinedObjectiveFunction([lambda p: p["x"], lambda p: 2 * p["x"]])
+        >>> def on_threads(parameters, children):
+        ...     with ThreadPoolExecutor(2) as pool:
+        ...         futures = [
+        ...             pool.submit(cob.run_term, parameters, idx, child)
+        ...             for idx, child in enumerate(children)
+        ...         ]
+        ...         return [future.result() for future in futures]
+        >>> ctx = EvaluateContext()
+        >>> cob.evaluate({"x": 1.5}, ctx, run_terms=on_threads), ctx.meta["n_terms"]
+        (4.5, 2)
+        """
+        ctx = ensure_context(ctx)
+        if run_terms is None:  # through evaluate_terms, which subclasses may override
+            kept = self.evaluate_terms(parameters, ctx)
+        else:
+            kept = self._kept_terms(parameters, ctx, run_terms)
+        ctx.loss = self.apply_reduction(kept, ctx)
+        return ctx.loss
 
     def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
         """Evaluate all terms and reduce them; sets ``ctx.parameters``, ``ctx.loss`` and meta.
 
-        Raises ``ValueError`` for an empty COB. Exceptions of the terms go to the
-        :attr:`exception_handler`; those of the configurator and the reduction propagate
-        unchanged.
+        The same as :meth:`evaluate` without ``run_terms``. Raises ``ValueError`` for an empty
+        COB. Exceptions of the terms go to the :attr:`exception_handler`; those of the
+        configurator and the reduction propagate unchanged.
         """
-        ctx = ensure_context(ctx)
-        terms = self.evaluate_terms(parameters, ctx)
-        ctx.loss = self.apply_reduction(terms, ctx)
-        return ctx.loss
+        return self.evaluate(parameters, ctx)
 
     def __repr__(self) -> str:
         return (

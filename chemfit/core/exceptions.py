@@ -60,6 +60,9 @@ class RemoteEvaluationError(RuntimeError):
     ----------
     rank : int | None
         The rank (or engine id) where the error happened.
+    where : str
+        Where it happened, in words (``"worker process 4242"``, ``"ipyparallel engine 1"``,
+        ``"rank 2"``); empty when unknown.
     term_index : int | None
         The index of the objective term that raised, when known.
     type_name : str
@@ -79,12 +82,14 @@ class RemoteEvaluationError(RuntimeError):
         type_name: str = "",
         remote_message: str = "",
         remote_traceback: str = "",
+        where: str = "",
     ):
         if message is None:
-            where = f"rank {rank}" if rank is not None else "a remote worker"
+            place = where or (f"rank {rank}" if rank is not None else "a remote worker")
             term = f", term {term_index}" if term_index is not None else ""
-            message = f"{type_name} on {where}{term}: {remote_message}"
+            message = f"{type_name} on {place}{term}: {remote_message}"
         super().__init__(message)
+        self.where = where
         self.rank = rank
         self.term_index = term_index
         self.type_name = type_name
@@ -101,11 +106,14 @@ class RemoteEvaluationError(RuntimeError):
                 self.type_name,
                 self.remote_message,
                 self.remote_traceback,
+                self.where,
             ),
         )
 
 
-def _rebuild_remote_error(message, rank, term_index, type_name, remote_message, remote_tb):
+def _rebuild_remote_error(
+    message, rank, term_index, type_name, remote_message, remote_tb, where=""
+):
     return RemoteEvaluationError(
         message,
         rank=rank,
@@ -113,6 +121,7 @@ def _rebuild_remote_error(message, rank, term_index, type_name, remote_message, 
         type_name=type_name,
         remote_message=remote_message,
         remote_traceback=remote_tb,
+        where=where,
     )
 
 

@@ -14,13 +14,7 @@ from concurrent import futures as cf
 from typing import Any
 
 from chemfit.core.context import EvaluateContext, ExecutorLike
-from chemfit.execution.context_tasks import ContextTask
-from chemfit.execution.task_errors import check_picklable, translate_call_error
-from chemfit.execution.task_submission import (
-    collect_calls,
-    is_stdlib_process_pool,
-    resolve_executor,
-)
+from chemfit.execution.submission import ContextFuture, ContextSubmitter, collect_calls
 
 __all__ = ["async_eval_many", "async_eval_one"]
 
@@ -108,7 +102,7 @@ async def async_eval_many(
     ... )
     [6]
     """
-    calls, ctx_list = collect_calls((params_list,), ctxs)
+    calls, _ = collect_calls((params_list,), ctxs)
     if executor is None:
         outcomes = await asyncio.gather(
             *(asyncio.to_thread(obj, params, ctx) for params, ctx in calls),
@@ -119,36 +113,41 @@ async def async_eval_many(
                 raise outcome
         return list(outcomes)
 
-    resolved = resolve_executor(executor)
-    if calls and is_stdlib_process_pool(resolved):
-        check_picklable(resolved, obj, calls[0])
-    task = ContextTask(obj, resolved)
+    submitter = ContextSubmitter(executor, obj)
+    futures = submitter.submit_all(
+        [([call], index) for index, call in enumerate(calls)], single=True
+    )
     loop = asyncio.get_running_loop()
-    awaitables = [_run_on(loop, resolved, task, call) for call in calls]
-    outcomes = await asyncio.gather(*awaitables, return_exceptions=True)
+    await asyncio.gather(*(_finished(loop, future) for future in futures))
     results: list[Any] = []
     first_failure: BaseException | None = None
-    for index, outcome in enumerate(outcomes):
-        if isinstance(outcome, BaseException):
-            if first_failure is None:
-                first_failure = translate_call_error(outcome, index, calls[index], resolved)
+    for future in futures:  # in input order: every successful state is applied
+        try:
+            results.append(future.result(0))
+        except Exception as exc:
             results.append(None)
-            continue
-        value, state = outcome
-        ctx_list[index].apply_result_state(state)
-        results.append(value)
+            if first_failure is None:
+                first_failure = exc
     if first_failure is not None:
         raise first_failure
     return results
 
 
-async def _run_on(
-    loop: asyncio.AbstractEventLoop, executor: Any, task: Callable[..., Any], call: tuple
-) -> Any:
-    if isinstance(executor, cf.Executor):
-        return await loop.run_in_executor(executor, task, *call)
-    future = executor.submit(task, *call)
-    if isinstance(future, cf.Future):
-        return await asyncio.wrap_future(future, loop=loop)
+async def _finished(loop: asyncio.AbstractEventLoop, future: ContextFuture) -> None:
+    """Wait for ``future`` without blocking the event loop (its outcome is read later)."""
+    inner = future.future
+    if isinstance(inner, cf.Future):
+        wrapped = asyncio.wrap_future(inner, loop=loop)
+        await asyncio.wait([wrapped])
+        if not wrapped.cancelled():
+            wrapped.exception()  # retrieved here, so asyncio does not log it; raised later
+        return
     # A future that asyncio cannot wrap: wait for it in a thread.
-    return await asyncio.to_thread(future.result)
+    await asyncio.to_thread(_wait_quietly, future)
+
+
+def _wait_quietly(future: ContextFuture) -> None:
+    try:
+        future.settle()
+    except Exception:  # read again, and raised, by the caller
+        logger.debug("call %d failed", future.index, exc_info=True)

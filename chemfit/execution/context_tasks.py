@@ -1,10 +1,16 @@
-"""The callables that run ``fn(*args, ctx)`` in a worker and hand the context's state back.
+"""The worker side of a task: run calls ``fn(*args, ctx)`` and hand the contexts' states back.
 
-A call returns ``(value, ctx.to_result_state())`` when it may run in another process, so the
-caller can apply that state to its own context. In-process tasks (thread pools,
-``SerialExecutor``) write into the caller's context directly and return the value only. Every
-task marks its worker thread with the executor it came from (R11, see
-:mod:`chemfit.execution.worker_marks`); pickling drops that mark.
+:class:`ContextTask` is the one task chemfit submits for evaluations (see
+:mod:`chemfit.execution.submission` for the caller's side). It runs a batch of calls (a single
+call is a batch of one) with the worker thread marked by the executor it came from (R11, see
+:mod:`chemfit.execution.worker_marks`; pickling drops that mark) and returns one outcome per
+call (a :data:`TaskOutput`: values, states, wall seconds and failures):
+
+* in this process (threads, ``SerialExecutor``) the calls write into the caller's own contexts,
+  so no state comes back and a failure is the exception itself;
+* in another process the contexts arrive in their wire form
+  (:meth:`~chemfit.core.context.EvaluateContext.to_wire`), each state is
+  ``ctx.to_result_state()`` and a failure a :class:`~chemfit.execution.task_errors.RemoteFailure`.
 
 A task's function travels as bytes that chemfit makes (:class:`PickledCallable`, built with
 :func:`dumps_for_workers`): plain :mod:`pickle` where that refers to nothing in ``__main__``,
@@ -13,37 +19,39 @@ closures, partials, classes and their instances) by value. So they run on every 
 stdlib process pools included, and the worker rebuilds the function inside the call: a worker
 that cannot rebuild it raises :class:`~chemfit.core.exceptions.NotPicklableError` naming it,
 instead of failing while unpickling the task (which a process pool reports as a broken pool).
+On local process pools the calls travel as bytes too (:func:`run_pickled_task`), pickled once by
+chemfit; the pool only copies them.
 """
 
 from __future__ import annotations
 
 import pickle
-import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from chemfit.core.context import EvaluateContext
 from chemfit.core.wrapping import dumps_by_value, functions_inline
+from chemfit.execution.executor_info import ExecutorInfo, executor_info, note_ran_in_place
 from chemfit.execution.task_errors import (
+    RemoteFailure,
     describe_object,
     not_picklable_error,
-    portable_exception,
     rebuild_error,
 )
-from chemfit.execution.task_submission import is_stdlib_process_pool
-from chemfit.execution.worker_marks import _marks
+from chemfit.execution.worker_marks import marked_as_task_of
 
 __all__ = [
     "AttachContextAsReturnValue",
-    "ContextBatch",
     "ContextTask",
-    "InProcessTask",
-    "PackedCalls",
     "PickledCallable",
+    "SentCalls",
+    "TaskNotRun",
+    "TaskOutput",
+    "cloudpickle_installed",
     "dumps_for_workers",
     "loads_in_worker",
-    "main_reachable",
-    "rebuild_context",
+    "run_pickled_task",
 ]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -52,32 +60,25 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # -- sending functions to workers ------------------------------------------------------------------
 
 
-def main_reachable(executor: Any) -> bool:
-    """Whether the workers of ``executor`` can look names up in this process's ``__main__``.
+def _main_reachable(executor: Any) -> bool:
+    """Whether the workers of ``executor`` resolve names in this process's ``__main__``
+    (``None`` or a description: unknown workers, so no)."""
+    if executor is None or isinstance(executor, str):
+        return False
+    try:
+        return executor_info(executor).main_reachable
+    except TypeError:
+        return False
 
-    True for a stdlib process pool that forks (its workers are copies of this process) and for
-    one that spawns when ``__main__`` is a script file (the workers import it again). Not for
-    a notebook's ``__main__``, nor for loky, ipyparallel or Dask workers.
+
+def cloudpickle_installed() -> bool:
+    """Whether cloudpickle can be imported (checked each time: tests hide it).
 
     Examples
     --------
-    >>> main_reachable(None)
-    False
+    >>> isinstance(cloudpickle_installed(), bool)
+    True
     """
-    if not is_stdlib_process_pool(executor):
-        return False
-    context = getattr(executor, "_mp_context", None)
-    if context is None:
-        import multiprocessing
-
-        context = multiprocessing.get_context()
-    if context.get_start_method() == "fork":
-        return True
-    main = sys.modules.get("__main__")
-    return bool(getattr(main, "__file__", None)) and not sys.flags.interactive
-
-
-def _cloudpickle_installed() -> bool:
     try:
         import cloudpickle  # noqa: F401
     except ImportError:
@@ -85,13 +86,14 @@ def _cloudpickle_installed() -> bool:
     return True
 
 
-def dumps_for_workers(obj: Any, executor: Any = None) -> bytes:
+def dumps_for_workers(obj: Any, executor: Any = None, label: str | None = None) -> bytes:
     """``obj`` as bytes that a worker of ``executor`` rebuilds with ``pickle.loads``.
 
     Plain :mod:`pickle` when its output refers to nothing in ``__main__`` (cheap, by reference
     to importable modules). Otherwise cloudpickle, which sends ``__main__`` definitions by
     value. Without cloudpickle, or when it fails, references by name are sent only where the
-    workers can resolve them (:func:`main_reachable`).
+    workers can resolve them (:attr:`~chemfit.execution.executor_info.ExecutorInfo.main_reachable`).
+    ``label`` names ``obj`` in the error message (default: :func:`describe_object`).
 
     Raises
     ------
@@ -111,7 +113,7 @@ def dumps_for_workers(obj: Any, executor: Any = None) -> bytes:
     if data is not None and b"__main__" not in data:
         return data
     by_value_error: BaseException | None = None
-    if _cloudpickle_installed():
+    if cloudpickle_installed():
         try:
             return dumps_by_value(obj, protocol=_PROTOCOL)
         except Exception as exc:
@@ -121,10 +123,10 @@ def dumps_for_workers(obj: Any, executor: Any = None) -> bytes:
     except Exception as exc:
         error = by_value_error or exc
         raise not_picklable_error(
-            obj, executor, error, tried_by_value=by_value_error is not None
+            obj, executor, error, tried_by_value=by_value_error is not None, label=label
         ) from error
-    if b"__main__" in data and not main_reachable(executor):
-        raise not_picklable_error(obj, executor, by_value_error, by_name=True)
+    if b"__main__" in data and not _main_reachable(executor):
+        raise not_picklable_error(obj, executor, by_value_error, by_name=True, label=label)
     return data
 
 
@@ -254,186 +256,205 @@ class AttachContextAsReturnValue:
         return f"{type(self).__name__}({self.func!r})"
 
 
-class ContextTask(AttachContextAsReturnValue):
-    """One call that returns ``(value, state)``, run with the worker thread marked (R11).
-
-    The caller checks that the last argument is a context. Pickling drops the executor: a
-    copy in another process runs unmarked.
-
-    Examples
-    --------
-    >>> from chemfit.core.context import EvaluateContext
-    >>> def objective(x, ctx):
-    ...     ctx.loss = 2 * x
-    ...     return ctx.loss
-    >>> value, state = ContextTask(objective, executor="pool")(4, EvaluateContext())
-    >>> value, state["loss"]
-    (8, 8)
-    """
-
-    __slots__ = ("executor",)
-
-    def __init__(self, func: Callable[..., Any], executor: Any = None) -> None:
-        self.func = func
-        self.executor = executor
-
-    def __call__(self, *args: Any) -> tuple[Any, dict]:
-        executor = self.executor
-        if executor is None:
-            return self.func(*args), args[-1].to_result_state()
-        previous = _marks.executor
-        _marks.executor = executor
-        try:
-            return self.func(*args), args[-1].to_result_state()
-        finally:
-            _marks.executor = previous
-
-    def __reduce__(self):
-        # Packed once, on the first pickle; later pickles of this task reuse the bytes.
-        self.func = func = PickledCallable.pack(self.func, self.executor)
-        return (ContextTask, (func, None))
+# -- the task ----------------------------------------------------------------------------------
 
 
-class InProcessTask:
-    """One call on a thread pool or SerialExecutor: the call writes into the caller's own
-    context, so only the value comes back. Never pickled.
+class SentCalls(list):
+    """The calls, in their wire form, of a task for an executor chemfit does not know.
+
+    Any copy of it (pickled, or deep-copied) is a plain ``list``: a task that receives this
+    very class received the caller's own object, uncopied.
 
     Examples
     --------
-    >>> from chemfit.execution.worker_marks import current_task_executor
-    >>> InProcessTask(lambda: current_task_executor(), executor="pool")()
-    'pool'
-    """
-
-    __slots__ = ("executor", "func")
-
-    def __init__(self, func: Callable[..., Any], executor: Any) -> None:
-        self.func = func
-        self.executor = executor
-
-    def __call__(self, *args: Any) -> Any:
-        previous = _marks.executor
-        _marks.executor = self.executor
-        try:
-            return self.func(*args)
-        finally:
-            _marks.executor = previous
-
-
-class ContextBatch:
-    """Several calls in one task (``chunksize``); every call runs even if an earlier one fails.
-
-    Returns ``(values, states, errors)``: ``states`` is ``None`` in the caller's process (the
-    calls wrote into the caller's contexts), ``errors`` is ``None`` or a list of
-    ``(position, exception, traceback_text)``.
-
-    Examples
-    --------
-    >>> from chemfit.core.context import EvaluateContext
-    >>> def inverse(x, ctx):
-    ...     return 1 / x
-    >>> values, states, errors = ContextBatch(inverse, in_process=True)(
-    ...     [(2, EvaluateContext()), (0, EvaluateContext())]
-    ... )
-    >>> values, states, [(position, type(exc).__name__) for position, exc, _ in errors]
-    ([0.5, None], None, [(1, 'ZeroDivisionError')])
-    """
-
-    __slots__ = ("executor", "func", "in_process")
-
-    def __init__(self, func: Callable[..., Any], executor: Any = None, in_process: bool = False):
-        self.func = func
-        self.executor = executor
-        self.in_process = in_process
-
-    def __call__(self, calls: Sequence[tuple]) -> tuple[list, list | None, list | None]:
-        executor = self.executor
-        if executor is None:
-            return self._run(calls, remote=True)
-        previous = _marks.executor
-        _marks.executor = executor
-        try:
-            return self._run(calls, remote=False)
-        finally:
-            _marks.executor = previous
-
-    def _run(self, calls: Sequence[tuple], remote: bool) -> tuple[list, list | None, list | None]:
-        func = self.func
-        if isinstance(func, PickledCallable):
-            func = func.load()  # a failure fails the whole task: no call can run
-        values: list[Any] = []
-        states: list[Any] | None = None if self.in_process else []
-        errors: list[tuple[int, Exception, str | None]] | None = None
-        for position, args in enumerate(calls):
-            try:
-                value = func(*args)
-            except Exception as exc:
-                if errors is None:
-                    errors = []
-                errors.append(
-                    (position, *portable_exception(exc)) if remote else (position, exc, None)
-                )
-                values.append(None)
-                if states is not None:
-                    states.append(None)
-            else:
-                values.append(value)
-                if states is not None:
-                    states.append(args[-1].to_result_state())
-        return values, states, errors
-
-    def __reduce__(self):
-        self.func = func = PickledCallable.pack(self.func, self.executor)
-        return (ContextBatch, (func, None, False))
-
-
-def _pack_call(call: tuple) -> tuple[tuple, tuple | None]:
-    ctx = call[-1]
-    if type(ctx) is not EvaluateContext:  # a subclass may send more: pickle it as it is
-        return call, None
-    return call[:-1], (ctx.parameters, ctx.config, ctx.shared, ctx.meta)
-
-
-def rebuild_context(parameters: Any, config: Any, shared: Any, meta: Any) -> EvaluateContext:
-    """A plain context from the four fields its pickle carries, as unpickling rebuilds it.
-
-    Examples
-    --------
-    >>> ctx = rebuild_context({"x": 1.0}, None, None, {"a": 1})
-    >>> ctx.parameters, ctx.config, ctx.meta, ctx.loss, ctx.executor
-    ({'x': 1.0}, None, {'a': 1}, None, None)
-    """
-    ctx = EvaluateContext.__new__(EvaluateContext)
-    ctx.__setstate__({"parameters": parameters, "config": config, "shared": shared, "meta": meta})
-    return ctx
-
-
-def _unpack_calls(packed: list[tuple[tuple, tuple | None]]) -> list[tuple]:
-    return [
-        args if fields is None else (*args, rebuild_context(*fields)) for args, fields in packed
-    ]
-
-
-class PackedCalls(list):
-    """The calls of one :class:`ContextBatch` task: a list that pickles its contexts compactly.
-
-    Pickled, a plain :class:`~chemfit.core.context.EvaluateContext` travels as the four fields
-    of its ``__getstate__`` in a tuple and is rebuilt in the worker as ``__setstate__`` would
-    (subclasses are pickled as they are). That takes a third less time than pickling the
-    objects, which for cheap calls is most of what the caller does per call. Objects shared
-    by several contexts (a ``shared`` namespace) stay shared, as pickle keeps them.
-
-    Examples
-    --------
-    >>> import pickle
-    >>> ctx = EvaluateContext()
-    >>> ctx.parameters, ctx.meta["note"] = {"x": 1.0}, "sent"
-    >>> [(x, copy)] = pickle.loads(pickle.dumps(PackedCalls([(2, ctx)])))
-    >>> x, copy.parameters, copy.meta, copy.loss
-    (2, {'x': 1.0}, {'note': 'sent'}, None)
+    >>> import copy
+    >>> calls = SentCalls([((1,), None)])
+    >>> type(pickle.loads(pickle.dumps(calls))).__name__, type(copy.deepcopy(calls)).__name__
+    ('list', 'list')
     """
 
     __slots__ = ()
 
     def __reduce__(self):
-        return (_unpack_calls, ([_pack_call(call) for call in self],))
+        return (list, (list(self),))
+
+
+class TaskNotRun:
+    """What a task in another process returns when none of its calls could start.
+
+    ``what`` is ``"arguments"`` (the calls could not be unpickled) or ``"function"`` (the
+    function could not be rebuilt); ``failure`` is the :class:`RemoteFailure`.
+    """
+
+    __slots__ = ("failure", "what")
+
+    def __init__(self, what: str, failure: RemoteFailure) -> None:
+        self.what = what
+        self.failure = failure
+
+    def __reduce__(self):
+        return (TaskNotRun, (self.what, self.failure))
+
+    def __repr__(self) -> str:
+        return f"TaskNotRun({self.what!r}, {self.failure.type_name}: {self.failure.message})"
+
+
+#: What a :class:`ContextTask` returns, one entry per call that ran, in call order:
+#: ``(values, states, seconds, failures)``. ``values`` and ``seconds`` (wall time measured
+#: where the call ran) for every call; ``states`` the result states (``None`` in this process,
+#: where the calls wrote into the caller's contexts); ``failures`` ``None`` or
+#: ``{position: failure}`` (the exception in this process, a :class:`RemoteFailure` from
+#: another). Columns in a plain tuple, not an object per call: cheap calls are most of what a
+#: task does, and lists pickle fast.
+TaskOutput = tuple
+
+
+class ContextTask:
+    """The task chemfit submits: runs calls ``fn(*args, ctx)`` and returns a :data:`TaskOutput`.
+
+    In this process (``in_process``) the calls are ``(*args, ctx)`` with the caller's contexts,
+    which they write into. Otherwise the calls are ``(args, wire)`` pairs
+    (:meth:`~chemfit.core.context.EvaluateContext.to_wire`) and each call's result state comes
+    back, also after a failure. When the function cannot be rebuilt no call runs and a
+    :class:`TaskNotRun` is returned.
+
+    The calls run with the thread marked as a task of ``executor`` (R11); pickling drops it.
+    A task for another process that runs on the caller's own objects, neither itself nor its
+    :class:`SentCalls` copied (an executor chemfit does not know ran it in place), tells
+    :func:`~chemfit.execution.executor_info.note_ran_in_place`, so the next submissions to that
+    executor skip the wire form. With ``stop_at_first_error`` the calls after a failed one do
+    not run.
+
+    Examples
+    --------
+    >>> def inverse(x, ctx):
+    ...     ctx.loss = 1 / x
+    ...     return ctx.loss
+    >>> task = ContextTask(inverse, "pool", in_process=True)
+    >>> values, states, seconds, failures = task([(2, EvaluateContext()), (0, EvaluateContext())])
+    >>> values, states, {k: type(v).__name__ for k, v in failures.items()}
+    ([0.5, None], None, {1: 'ZeroDivisionError'})
+    >>> copy = pickle.loads(pickle.dumps(ContextTask(inverse, "pool")))  # as a worker gets it
+    >>> values, states, seconds, failures = copy([((4,), EvaluateContext().to_wire())])
+    >>> values, states[0]["loss"], failures
+    ([0.25], 0.25, None)
+    """
+
+    __slots__ = ("_mark", "executor", "fn", "in_process", "stop_at_first_error")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        executor: Any = None,
+        *,
+        in_process: bool = False,
+        stop_at_first_error: bool = False,
+    ) -> None:
+        self.fn = fn
+        self.executor = executor.executor if isinstance(executor, ExecutorInfo) else executor
+        self.in_process = in_process
+        self.stop_at_first_error = stop_at_first_error
+        self._mark = marked_as_task_of(self.executor)
+
+    def __call__(self, calls: Sequence[tuple]) -> TaskOutput | TaskNotRun:
+        if not self.in_process:
+            # neither this task nor its calls were copied on their way: the caller's objects
+            if self.executor is not None and calls.__class__ is SentCalls:
+                note_ran_in_place(self.executor)
+            with self._mark:
+                return self._run_sent(calls)
+        fn = self.fn
+        clock = time.perf_counter
+        if len(calls) == 1:  # most tasks: the same as the loop below, with less bookkeeping
+            with self._mark:
+                start = clock()
+                try:
+                    value = fn(*calls[0])
+                except Exception as exc:
+                    return [None], None, [clock() - start], {0: exc}
+                return [value], None, [clock() - start], None
+        values: list = []
+        seconds: list[float] = []
+        failures: dict | None = None
+        with self._mark:
+            start = clock()
+            for call in calls:
+                try:
+                    values.append(fn(*call))
+                except Exception as exc:
+                    values.append(None)
+                    if failures is None:
+                        failures = {}
+                    failures[len(seconds)] = exc
+                end = clock()
+                seconds.append(end - start)
+                start = end
+                if failures is not None and self.stop_at_first_error:
+                    break
+        return values, None, seconds, failures
+
+    def _run_sent(self, calls: Sequence[tuple]) -> TaskOutput | TaskNotRun:
+        fn = self.fn
+        if isinstance(fn, PickledCallable):
+            try:
+                fn = fn.load()
+            except Exception as exc:
+                return TaskNotRun("function", RemoteFailure.capture(exc))
+        from_wire = EvaluateContext.from_wire
+        clock = time.perf_counter
+        values: list = []
+        states: list = []
+        seconds: list[float] = []
+        failures: dict | None = None
+        for args, wire in calls:
+            ctx = from_wire(wire)
+            start = clock()
+            try:
+                values.append(fn(*args, ctx))
+            except Exception as exc:
+                values.append(None)
+                if failures is None:
+                    failures = {}
+                failures[len(seconds)] = RemoteFailure.capture(exc)
+            seconds.append(clock() - start)
+            states.append(ctx.to_result_state())
+            if failures is not None and self.stop_at_first_error:
+                break
+        return values, states, seconds, failures
+
+    def __reduce__(self):
+        # Packed once, on the first pickle; later pickles of this task reuse the bytes.
+        self.fn = fn = PickledCallable.pack(self.fn, self.executor)
+        return (_rebuild_task, (fn, self.stop_at_first_error))
+
+    def __repr__(self) -> str:
+        return f"ContextTask({self.fn!r}, in_process={self.in_process})"
+
+
+def _rebuild_task(fn: Any, stop_at_first_error: bool) -> ContextTask:
+    return ContextTask(fn, None, stop_at_first_error=stop_at_first_error)
+
+
+def run_pickled_task(task_data: bytes, calls_data: bytes) -> TaskOutput | TaskNotRun:
+    """Run a :class:`ContextTask` sent as bytes on the calls sent as bytes (in a worker).
+
+    Calls that cannot be unpickled here (they refer to something this worker cannot import)
+    return a :class:`TaskNotRun` instead of breaking the pool.
+
+    Examples
+    --------
+    >>> def negate(x, ctx):
+    ...     ctx.loss = -x
+    ...     return ctx.loss
+    >>> task = pickle.dumps(ContextTask(negate))
+    >>> calls = pickle.dumps([((2,), EvaluateContext().to_wire())])
+    >>> values, states, seconds, failures = run_pickled_task(task, calls)
+    >>> values, states[0]["loss"]
+    ([-2], -2)
+    """
+    task = pickle.loads(task_data)
+    try:
+        calls = pickle.loads(calls_data)
+    except Exception as exc:
+        return TaskNotRun("arguments", RemoteFailure.capture(exc))
+    return task(calls)

@@ -18,9 +18,10 @@ Errors are made explicit:
   call (R19), after the states of the calls that succeeded have been applied.
 
 Every task marks its worker thread with the executor it came from (see
-:mod:`chemfit.execution.worker_marks`, R11). The tasks themselves are in
-:mod:`chemfit.execution.context_tasks`, submitting in :mod:`chemfit.execution.task_submission`
-and the error translation in :mod:`chemfit.execution.task_errors`.
+:mod:`chemfit.execution.worker_marks`, R11). Both functions submit through
+:class:`~chemfit.execution.submission.ContextSubmitter` (the one submission primitive); the
+worker side is :class:`~chemfit.execution.context_tasks.ContextTask` and the error translation
+is in :mod:`chemfit.execution.task_errors`.
 """
 
 from __future__ import annotations
@@ -33,34 +34,21 @@ from concurrent import futures as cf
 from typing import Any
 
 from chemfit.core.context import EvaluateContext, ExecutorLike, FutureLike
-from chemfit.execution.context_tasks import (
-    AttachContextAsReturnValue,
-    ContextBatch,
-    ContextTask,
-    InProcessTask,
-    PackedCalls,
-    PickledCallable,
-)
-from chemfit.execution.task_errors import (
-    attach_worker_traceback,
-    check_picklable,
-    translate_call_error,
-)
-from chemfit.execution.task_submission import (
+from chemfit.execution.context_tasks import AttachContextAsReturnValue
+from chemfit.execution.executor_info import executor_info
+from chemfit.execution.submission import (
+    TIMEOUT_ERRORS,
+    ContextFuture,
+    ContextSubmitter,
     cancel_all,
     collect_calls,
-    is_stdlib_process_pool,
-    resolve_executor,
-    runs_in_process,
-    submit_all,
 )
 
 __all__ = ["AttachContextAsReturnValue", "as_completed_with_context", "map_with_context"]
 
 logger = logging.getLogger(__name__)
 
-# On Python 3.10 concurrent.futures.TimeoutError is not the builtin TimeoutError.
-_TIMEOUT_ERRORS = (TimeoutError, cf.TimeoutError)
+_TIMEOUT_ERRORS = TIMEOUT_ERRORS
 
 
 # -- caller side: inputs and deadlines --------------------------------------------------------
@@ -165,111 +153,58 @@ def map_with_context(
     >>> [ctx.meta["seen"] for ctx in ctxs]
     [0, 1, 2, 3]
     """
-    executor = resolve_executor(executor)
+    info = executor_info(executor)
     _check_chunksize(chunksize)
     deadline = _deadline(timeout)
-    calls, ctx_list = collect_calls(iterables, ctxs)
+    calls, _ = collect_calls(iterables, ctxs)
     n_calls = len(calls)
     if n_calls == 0:
         return []
-    in_process = runs_in_process(executor)
-    if not in_process:  # pickled once here, not once per task; NotPicklableError before submitting
-        fn = PickledCallable.pack(fn, executor)
-        if is_stdlib_process_pool(executor):
-            check_picklable(executor, fn, calls[0])
-    chunked = chunksize > 1 and n_calls > 1
-    if chunked:
-        task: Callable[..., Any] = ContextBatch(fn, executor, in_process)
-        chunks = [PackedCalls(calls[i : i + chunksize]) for i in range(0, n_calls, chunksize)]
-        futures = submit_all(executor, task, [(chunk,) for chunk in chunks])
+    submitter = ContextSubmitter(info, fn)  # fn packed once; NotPicklableError before submitting
+    if info.kind == "serial":  # runs each task as it is submitted: one task, same calls, no waits
+        chunksize = n_calls
+    if info.in_process and chunksize == 1:  # a task per call, one future: a bare map's cost
+        futures = [submitter.submit_each(calls)]
+        chunksize = n_calls
     else:
-        task = InProcessTask(fn, executor) if in_process else ContextTask(fn, executor)
-        futures = submit_all(executor, task, calls)
-        chunksize = 1
+        groups = [(calls[i : i + chunksize], i) for i in range(0, n_calls, chunksize)]
+        futures = submitter.submit_all(groups, single=chunksize == 1)
 
     results: list[Any] = [None] * n_calls
     failures: list[tuple[int, BaseException]] = []
-    last_of_task: dict[int, int] = {}  # first call of a failed chunk -> its last call
     finished = False
     try:
-        for number, future in enumerate(futures):
+        for future in futures:
             try:
-                output = (
-                    future.result() if deadline is None else future.result(_remaining(deadline))
-                )
+                values, errors = future.settle(None if deadline is None else _remaining(deadline))
             except Exception as exc:
                 if _timed_out(future, exc, deadline):
-                    if not in_process:  # in-process calls wrote into the contexts already
-                        for later in range(number + 1, len(futures)):
-                            _absorb_done(
-                                futures[later], later, chunked, chunksize, ctx_list, results
-                            )
-                    n_pending = sum(1 for f in futures if not _done(f))
+                    for later in futures:  # apply the states of the tasks that did finish
+                        if later.done():
+                            with contextlib.suppress(Exception):
+                                later.settle(0)
+                    n_pending = sum(f.pending() for f in futures)
                     raise TimeoutError(
                         f"map_with_context ran out of its timeout of {timeout} s with "
-                        f"{n_pending} of {len(futures)} tasks unfinished; the tasks that had "
+                        f"{n_pending} of {n_calls} calls unfinished; the calls that had "
                         "not started were cancelled"
                     ) from None
-                failures.append((number * chunksize, exc))
-                if chunked:
-                    last_of_task[number * chunksize] = min(n_calls, (number + 1) * chunksize) - 1
+                failures.append((future.index, exc))
+                continue
+            first = future.index
+            if chunksize == 1:
+                results[first] = values[0]
             else:
-                if chunked:
-                    _absorb_batch(output, number * chunksize, ctx_list, results, failures)
-                elif in_process:
-                    results[number] = output
-                else:
-                    ctx_list[number].apply_result_state(output[1])
-                    results[number] = output[0]
+                results[first : first + len(values)] = values
+            if errors:
+                failures.extend((first + position, error) for position, error in errors.items())
         finished = True
     finally:
         if not finished:
             cancel_all(futures)
     if failures:
-        index, exc = min(failures, key=lambda item: item[0])
-        raise translate_call_error(exc, index, calls[index], executor, last_of_task.get(index))
+        raise min(failures, key=lambda item: item[0])[1]
     return results
-
-
-def _absorb_batch(
-    output: tuple[list, list | None, list | None],
-    first: int,
-    ctx_list: list,
-    results: list,
-    failures: list | None,
-) -> None:
-    """Store a batch's values and apply its states; record its failures."""
-    values, states, errors = output
-    results[first : first + len(values)] = values
-    if errors:
-        for position, exc, text in errors:
-            if failures is not None:
-                failures.append((first + position, attach_worker_traceback(exc, text)))
-    if states is not None:
-        for ctx, state in zip(ctx_list[first : first + len(states)], states):
-            if state is not None:
-                ctx.apply_result_state(state)
-
-
-def _absorb_done(
-    future: FutureLike, number: int, chunked: bool, chunksize: int, ctx_list: list, results: list
-) -> None:
-    """On a timeout: apply the states of a task that did finish (its failures are dropped)."""
-    if not _done(future):
-        return
-    try:
-        output = future.result(0)
-    except Exception:
-        return
-    if chunked:
-        _absorb_batch(output, number * chunksize, ctx_list, results, None)
-    else:
-        ctx_list[number].apply_result_state(output[1])
-
-
-def _done(future: FutureLike) -> bool:
-    done = getattr(future, "done", None)
-    return bool(done()) if callable(done) else False
 
 
 # -- as_completed_with_context -----------------------------------------------------------------
@@ -280,18 +215,12 @@ class _CompletionIterator(Iterator[tuple[int, Any]]):
 
     def __init__(
         self,
-        futures: list[FutureLike],
-        calls: list[tuple],
-        ctx_list: list,
-        executor: Any,
+        futures: list[ContextFuture],
         deadline: float | None,
         timeout: float | None,
         return_exceptions: bool,
     ) -> None:
         self._futures = futures
-        self._calls = calls
-        self._ctxs = ctx_list
-        self._executor = executor
         self._deadline = deadline
         self._timeout = timeout
         self._return_exceptions = return_exceptions
@@ -326,46 +255,43 @@ class _CompletionIterator(Iterator[tuple[int, Any]]):
         futures = self._futures
         finished = False
         try:
-            if all(isinstance(f, cf.Future) for f in futures):
-                index_of = {id(f): i for i, f in enumerate(futures)}
+            if all(isinstance(f.future, cf.Future) for f in futures):
+                by_future = {id(f.future): f for f in futures}
+                inner = [f.future for f in futures]
                 try:
-                    for future in cf.as_completed(futures, timeout=_remaining(self._deadline)):
-                        yield self._outcome(index_of[id(future)], future)
+                    for done in cf.as_completed(inner, timeout=_remaining(self._deadline)):
+                        yield self._outcome(by_future[id(done)])
                 except _TIMEOUT_ERRORS as exc:
                     if any(not f.done() for f in futures):
                         raise self._timeout_error() from None
                     raise exc
             else:  # futures that concurrent.futures.wait cannot handle: submission order
-                for index, future in enumerate(futures):
+                for future in futures:
                     try:
-                        future.result(_remaining(self._deadline))
+                        future.settle(_remaining(self._deadline))
                     except Exception as exc:
                         if _timed_out(future, exc, self._deadline):
                             raise self._timeout_error() from None
-                    yield self._outcome(index, future)
+                    yield self._outcome(future)
             finished = True
         finally:
             if not finished:
                 cancel_all(futures)
 
     def _timeout_error(self) -> TimeoutError:
-        pending = sum(1 for f in self._futures if not _done(f))
+        pending = sum(1 for f in self._futures if not f.done())
         return TimeoutError(
             f"as_completed_with_context ran out of its timeout of {self._timeout} s with "
             f"{pending} calls unfinished; the calls that had not started were cancelled"
         )
 
-    def _outcome(self, index: int, future: FutureLike) -> tuple[int, Any]:
+    def _outcome(self, future: ContextFuture) -> tuple[int, Any]:
         try:
-            value, state = future.result(0)
-        except Exception as exc:
-            error = translate_call_error(exc, index, self._calls[index], self._executor)
-        else:
-            self._ctxs[index].apply_result_state(state)
-            return index, value
-        if self._return_exceptions:
-            return index, error
-        raise error
+            return future.index, future.result(0)
+        except Exception as error:
+            if self._return_exceptions:
+                return future.index, error
+            raise
 
 
 def as_completed_with_context(
@@ -410,14 +336,13 @@ def as_completed_with_context(
     >>> done, [ctx.loss for ctx in ctxs]
     ([(0, -1), (1, -2), (2, -3)], [-1, -2, -3])
     """
-    executor = resolve_executor(executor)
+    info = executor_info(executor)
     deadline = _deadline(timeout)
-    calls, ctx_list = collect_calls(iterables, ctxs)
-    if calls and not runs_in_process(executor):
-        fn = PickledCallable.pack(fn, executor)
-        if is_stdlib_process_pool(executor):
-            check_picklable(executor, fn, calls[0])
-    futures = submit_all(executor, ContextTask(fn, executor), calls)
-    return _CompletionIterator(
-        futures, calls, ctx_list, executor, deadline, timeout, bool(return_exceptions)
-    )
+    calls, _ = collect_calls(iterables, ctxs)
+    futures: list[ContextFuture] = []
+    if calls:
+        submitter = ContextSubmitter(info, fn)
+        futures = submitter.submit_all(
+            [([call], index) for index, call in enumerate(calls)], single=True
+        )
+    return _CompletionIterator(futures, deadline, timeout, bool(return_exceptions))

@@ -5,21 +5,24 @@
 (threads, processes, loky, Dask, ipyparallel, ...) and rebuilds the serial result on the
 caller:
 
-* the caller runs :meth:`~chemfit.core.combined.CombinedObjectiveFunction.prepare_context` and
-  the child-context configurator (absolute term indices), so the children's ``config`` travels
-  to the workers already configured;
-* each task runs ``cob.evaluate_term`` for its terms, **exception handler included**, where the
-  terms run; the children's result states come back and are applied to the caller's children;
-* the caller filters and reduces the terms in term order, so the value is bitwise the serial
-  one (R20) and ``ctx.meta`` has the serial structure.
+* the combined objective's own recipe runs on the caller
+  (:meth:`~chemfit.core.combined.CombinedObjectiveFunction.evaluate`): it prepares the context,
+  runs the child-context configurator (absolute term indices), so the children's ``config``
+  travels to the workers already configured, and filters and reduces the terms in term order,
+  so the value is bitwise the serial one (R20) and ``ctx.meta`` is the serial one;
+* the wrapper supplies only how the terms run (``run_terms``): each task runs ``cob.run_term``
+  for its terms, **exception handler included**, where the terms run; the children's result
+  states (with the children's own sub-evaluations collected) come back and are applied to the
+  caller's children.
 
 Cheap terms are grouped: ``terms_per_task="auto"`` measures the term times of each call and
 packs terms under about 5 ms into at most one task per worker. On a pool of this machine
-(threads, a process pool, loky) it also times the grouped calls against a call evaluated in
-the calling thread: when sending the terms costs more than it gains (two calls in a row
-slower, or one 1.5 times slower), it evaluates them in the calling thread and tries the
-executor again after 4, 8, ... 64 calls. While the executor wins narrowly, the inline time is
-measured again now and then.
+(threads, a process pool, loky) it also times the grouped calls against what the terms cost in
+the calling thread (on a process pool the sum of the term times its workers measured, on a
+thread pool a call evaluated inline): when sending the terms costs more than it gains (two
+calls in a row slower, or one 1.5 times slower), it evaluates them in the calling thread and
+tries the executor again after 4, 8, ... 64 calls. On a thread pool, while the executor wins
+narrowly, the inline time is measured again now and then.
 
 For executors in other processes the combined objective is pickled once per call and cached in
 each worker process by a content hash, so a worker unpickles it only when it changed.
@@ -27,10 +30,11 @@ each worker process by a content hash, so a worker unpickles it only when it cha
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import logging
 import math
-import os
 import threading
 import time
 import weakref
@@ -40,25 +44,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 from chemfit.core.context import EvaluateContext, ExecutorLike
-from chemfit.core.exceptions import NotPicklableError
 from chemfit.core.objectives import ObjectiveFunctor, ensure_context
-from chemfit.execution.context_tasks import dumps_for_workers, loads_in_worker, rebuild_context
-from chemfit.execution.executors import SerialExecutor, as_executor
-from chemfit.execution.task_errors import (
-    attach_worker_traceback,
-    describe_object,
-    portable_exception,
-    translate_task_error,
-)
-from chemfit.execution.task_submission import (
-    cancel_all,
-    is_local_pool,
-    is_loky_executor,
-    is_stdlib_process_pool,
-    runs_in_process,
-    submit_all,
-)
-from chemfit.execution.worker_marks import MarkedCall, current_task_executor
+from chemfit.execution.context_tasks import dumps_for_workers, loads_in_worker
+from chemfit.execution.executor_info import ExecutorInfo, executor_info
+from chemfit.execution.executors import as_executor
+from chemfit.execution.submission import ContextFuture, ContextSubmitter
+from chemfit.execution.task_errors import describe_object, translate_task_error
+from chemfit.execution.worker_marks import current_task_executor
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -83,7 +75,7 @@ _CLEAR_LOSS_RATIO = 1.5
 _FIRST_RETRY_AFTER = 4
 _MAX_RETRY_AFTER = 64
 
-_COB_METHODS = ("n_terms", "prepare_context", "evaluate_term", "filter_terms", "apply_reduction")
+_COB_METHODS = ("n_terms", "evaluate", "run_term")
 
 
 # -- shipping the objective to worker processes --------------------------------------------------
@@ -134,122 +126,48 @@ class _ShippedCOB:
         return cob
 
 
-def _ship(cob: Any, executor: Any) -> Any:
-    """What a task carries to name the objective: a :class:`_ShippedCOB`, or ``cob`` itself.
+class _ObjectiveMissing(Exception):
+    """A worker process lacks the objective that a task names by its hash only."""
 
-    The objective is pickled as :func:`~chemfit.execution.context_tasks.dumps_for_workers`
-    does (``__main__`` definitions by value with cloudpickle). A failure raises
-    :class:`NotPicklableError` before anything is submitted (R18) for process pools and loky;
-    any other executor is handed the objective as it is, since it may have a serializer of its
-    own.
+
+class _ShippedTerms:
+    """The task function for other processes: ``run_term`` of a shipped objective.
+
+    Called as ``fn(parameters, idx, child)`` in the worker; raises :class:`_ObjectiveMissing`
+    when the worker does not have the objective and the task carries only its hash.
     """
-    try:
-        data = dumps_for_workers(cob, executor)
-    except NotPicklableError:
-        if is_stdlib_process_pool(executor) or is_loky_executor(executor):
-            raise
-        logger.debug(
-            "could not pre-pickle %r; handing it to %s as it is",
-            cob,
-            type(executor).__name__,
-            exc_info=True,
-        )
-        return cob
+
+    __slots__ = ("_cob", "shipped")
+
+    def __init__(self, shipped: _ShippedCOB) -> None:
+        self.shipped = shipped
+        self._cob: Any = None
+
+    def __reduce__(self):
+        return (_ShippedTerms, (self.shipped,))
+
+    def __call__(self, parameters: dict, idx: int, child: EvaluateContext) -> float | None:
+        cob = self._cob
+        if cob is None:
+            cob = self._cob = self.shipped.load()
+            if cob is None:
+                raise _ObjectiveMissing("the combined objective is not in this worker's cache")
+        return cob.run_term(parameters, idx, child)
+
+
+def _ship(cob: Any, info: ExecutorInfo) -> _ShippedCOB:
+    """The objective pickled for the workers of ``info``, named by a content hash.
+
+    Pickled as :func:`~chemfit.execution.context_tasks.dumps_for_workers` does (``__main__``
+    definitions by value with cloudpickle); a failure raises :class:`NotPicklableError`
+    before anything is submitted (R18).
+    """
+    data = dumps_for_workers(cob, info)
     label = f"the combined objective ({describe_object(cob)})"
     return _ShippedCOB(hashlib.blake2b(data, digest_size=16).digest(), data, label)
 
 
-class _PackedChildren:
-    """Freshly configured child contexts in a compact form for another process.
-
-    Carries what ``EvaluateContext.__getstate__`` would (parameters, config and meta of each
-    child, and the ``shared`` namespace once), in fewer objects, which pickles faster.
-    """
-
-    __slots__ = ("items", "shared")
-
-    def __init__(self, shared: Any, items: list[tuple]) -> None:
-        self.shared = shared
-        self.items = items
-
-    def __reduce__(self):
-        return (_PackedChildren, (self.shared, self.items))
-
-    @classmethod
-    def pack(cls, children: list[EvaluateContext]) -> _PackedChildren | list[EvaluateContext]:
-        """Packed children, or ``children`` as they are when they are not plain contexts."""
-        shared = children[0].shared
-        if any(type(c) is not EvaluateContext or c.shared is not shared for c in children):
-            return children
-        return cls(shared, [(c.parameters, c.config, c.meta) for c in children])
-
-    def unpack(self) -> list[EvaluateContext]:
-        shared = self.shared
-        return [
-            rebuild_context(params, config, shared, meta) for params, config, meta in self.items
-        ]
-
-
-# -- the task -------------------------------------------------------------------------------------
-
-
-def _evaluate_chunk(
-    cob: Any,
-    parameters: dict,
-    indices: Sequence[int],
-    children: Sequence[EvaluateContext] | _PackedChildren,
-    remote: bool,
-) -> tuple[list, list | None, list[float], tuple | None] | None:
-    """Evaluate the terms ``indices`` in their child contexts, in order.
-
-    Returns ``None`` when ``cob`` is a hash this worker process does not know, else
-    ``(values, states, seconds, failure)``. ``states`` holds the result state of every
-    term attempted (``None`` when the task runs in the caller's process, where the children are
-    the caller's own objects). ``failure`` is ``None`` or ``(position, exception, traceback
-    text)`` for a term whose exception handler raised; the terms after it are not run, as in a
-    serial call.
-    """
-    if isinstance(cob, _ShippedCOB):
-        cob = cob.load()
-        if cob is None:
-            return None
-    if isinstance(children, _PackedChildren):
-        children = children.unpack()
-    values: list = []
-    states: list | None = [] if remote else None
-    seconds: list[float] = []
-    failure = None
-    clock = time.perf_counter
-    for position, (idx, child) in enumerate(zip(indices, children)):
-        start = clock()
-        try:
-            value = cob.evaluate_term(parameters, idx, child)
-        except Exception as exc:
-            seconds.append(clock() - start)
-            exception, text = portable_exception(exc) if remote else (exc, None)
-            failure = (position, exception, text)
-        else:
-            seconds.append(clock() - start)
-            values.append(value)
-        if states is not None:
-            states.append(child.to_result_state())
-        if failure is not None:
-            break
-    return values, states, seconds, failure
-
-
 # -- planning ------------------------------------------------------------------------------------
-
-
-def _worker_count(executor: Any) -> int:
-    """How many tasks ``executor`` runs at once (a guess for unknown executors)."""
-    if isinstance(executor, SerialExecutor):
-        return 1
-    for name in ("_max_workers", "max_workers", "_n_workers", "n_workers"):
-        value = getattr(executor, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-    return os.cpu_count() or 1
 
 
 def _fixed_chunks(n_terms: int, terms_per_task: int) -> list[list[int]]:
@@ -260,24 +178,26 @@ def _fixed_chunks(n_terms: int, terms_per_task: int) -> list[list[int]]:
 
 
 def _split_balanced(indices: list[int], seconds: Sequence[float], n_groups: int) -> list[list[int]]:
-    """Cut ``indices`` into ``n_groups`` contiguous, non-empty groups of similar total time."""
-    total = sum(seconds[i] for i in indices)
-    groups: list[list[int]] = []
-    current: list[int] = []
-    elapsed = 0.0
-    for position, idx in enumerate(indices):
-        current.append(idx)
-        elapsed += seconds[idx]
-        groups_left = n_groups - len(groups) - 1
-        items_left = len(indices) - position - 1
-        if groups_left > 0 and (
-            elapsed >= total * (len(groups) + 1) / n_groups or items_left == groups_left
-        ):
-            groups.append(current)
-            current = []
-    if current:
-        groups.append(current)
-    return groups
+    """Cut ``indices`` into ``n_groups`` contiguous, non-empty groups of similar total time.
+
+    Each cut goes where the running total comes closest to its share of the total, so equal
+    terms split evenly (a cut made only once a share is exceeded leaves one group a term
+    longer: 5 and 3 of 8 equal terms when the times wobble).
+    """
+    n_groups = max(1, min(n_groups, len(indices)))
+    running = list(itertools.accumulate((seconds[i] for i in indices), initial=0.0))
+    total = running[-1]
+    cuts = [0]
+    for group in range(1, n_groups):
+        target = total * group / n_groups
+        # the cut after position `cut`: at least one item per group before and after it
+        low, high = cuts[-1] + 1, len(indices) - (n_groups - group)
+        cut = min(max(bisect.bisect_left(running, target, low, high + 1), low), high)
+        if cut > low and target - running[cut - 1] <= running[cut] - target:
+            cut -= 1
+        cuts.append(cut)
+    cuts.append(len(indices))
+    return [indices[start:end] for start, end in itertools.pairwise(cuts)]
 
 
 def _auto_chunks(seconds: Sequence[float], n_workers: int) -> list[list[int]]:
@@ -304,11 +224,13 @@ class _TermTimes:
         self._samples: list[deque] = []
 
     def estimates(self, n_terms: int) -> list[float] | None:
-        """Median of the recent times of each term, or ``None`` until every term was timed."""
+        """Median of the recent times of each term (of two, the lower: a term slowed down once
+        by the machine is not taken for an expensive one), or ``None`` until every term was
+        timed."""
         with self._lock:
             if len(self._samples) != n_terms or not all(self._samples):
                 return None
-            return [sorted(s)[len(s) // 2] for s in self._samples]
+            return [_low_median(s) for s in self._samples]
 
     def record(self, n_terms: int, indices: Sequence[int], seconds: Sequence[float]) -> None:
         with self._lock:
@@ -321,27 +243,41 @@ class _TermTimes:
 class _InlineChooser:
     """Whether ``terms_per_task="auto"`` sends a call's terms to the executor or keeps them inline.
 
-    Grouped calls on the executor are timed against calls that evaluated every term inline
-    (the median of the last few); the first planned call runs inline to measure that. After
-    ``_SLOW_CALLS_BEFORE_INLINE`` slower executor calls in a row, or one slower by
-    ``_CLEAR_LOSS_RATIO`` or more, the terms run inline; every so many inline calls one call
-    goes to the executor again (a retry), and the wait doubles each time the retry loses too.
+    Grouped calls on the executor are timed against what the terms cost in the calling thread:
+    the median of the last few calls that evaluated every term inline and, on a process pool
+    (stdlib or loky), the sum of the term times its workers measured (the median of the last
+    few calls): a worker process runs a term as fast as this thread would, so no inline call is
+    needed to know it, and a fresh figure comes with every call. Of the two, the lower counts
+    (load only slows a call down). On a thread pool the workers' times are no guide (threads
+    that hold the GIL slow each other down), so the first planned call runs inline to measure.
 
-    The inline time is measured again while the executor wins narrowly (by less than
-    ``_CLEAR_LOSS_RATIO``): after 4 such wins one call runs inline (a probe), then after 8,
-    ... up to 64. A first inline call slowed down by the machine would otherwise keep a losing
-    executor for good. A different executor starts afresh. Thread-safe.
+    After ``_SLOW_CALLS_BEFORE_INLINE`` slower executor calls in a row, or one slower by
+    ``_CLEAR_LOSS_RATIO`` or more (when the median of the last few executor calls is too: one
+    call held up by the machine is not a clear loss), the terms run inline; every so many
+    inline calls one call goes to the executor again (a retry), and the wait doubles each time
+    the retry loses too.
+
+    Without the workers' times, the inline time is measured again while the executor wins
+    narrowly (by less than ``_CLEAR_LOSS_RATIO``): after 4 such wins in a row one call runs
+    inline (a probe), then after 8, ... up to 64. A first inline call slowed down by the machine
+    would otherwise keep a losing executor for good. A clear win ends the streak, so a few
+    calls slowed by the machine do not make one. A different executor starts afresh.
+    Thread-safe.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: int | None = None
         self._inline_seconds: deque[float] = deque(maxlen=_N_TIME_SAMPLES)
+        self._worker_seconds: deque[float] = deque(maxlen=_N_TIME_SAMPLES)
+        self._parallel_seconds: deque[float] = deque(maxlen=_N_TIME_SAMPLES)
         self._reset(None)
 
     def _reset(self, key: int | None) -> None:
         self._key = key
         self._back_on_executor()
+        self._worker_seconds.clear()
+        self._parallel_seconds.clear()
         self._narrow_wins = 0
         self._probe_after = _FIRST_RETRY_AFTER
         self._probe_due = False
@@ -357,7 +293,7 @@ class _InlineChooser:
         with self._lock:
             if key != self._key:
                 self._reset(key)
-            if not self._inline_seconds:
+            if not self._inline_seconds and not self._worker_seconds:
                 return False  # first measure what an inline call costs
             if self._probe_due:
                 self._probe_due = False
@@ -372,39 +308,77 @@ class _InlineChooser:
         with self._lock:
             self._inline_seconds.append(seconds)
 
-    def serial_seconds(self) -> float | None:
-        """The median time of the recent inline calls (of two, the lower: noise only slows a
-        call down), ``None`` before the first."""
+    def record_worker_seconds(self, key: int, seconds: float) -> None:
+        """Record the summed term times that the worker processes of ``key`` measured in a call."""
         with self._lock:
-            times = sorted(self._inline_seconds)
-            return times[(len(times) - 1) // 2] if times else None
+            if key != self._key:
+                self._reset(key)
+            self._worker_seconds.append(seconds)
+
+    def record_unjudged(self, key: int, parallel_seconds: float) -> None:
+        """Record a call on the executor made before there was anything to judge it by (one
+        task per term, before the terms were timed): a reference for later calls."""
+        with self._lock:
+            if key != self._key:
+                self._reset(key)
+            self._parallel_seconds.append(parallel_seconds)
+
+    def serial_seconds(self) -> float | None:
+        """What the terms of a call cost inline: the lower of the median of the recent inline
+        calls and that of the workers' summed term times (of two, the lower: noise only slows a
+        call down); ``None`` before either is known."""
+        with self._lock:
+            return self._serial_seconds()
+
+    def _serial_seconds(self) -> float | None:
+        estimates = [
+            _low_median(samples)
+            for samples in (self._inline_seconds, self._worker_seconds)
+            if samples
+        ]
+        return min(estimates) if estimates else None
 
     def record(self, key: int, parallel_seconds: float) -> bool:
         """Record a grouped call on the executor; ``True`` when this switches to inline."""
-        serial_seconds = self.serial_seconds()
         with self._lock:
+            serial_seconds = self._serial_seconds()
             if key != self._key or serial_seconds is None:
                 return False
+            self._parallel_seconds.append(parallel_seconds)
             if parallel_seconds <= serial_seconds:
                 self._back_on_executor()
-                if _CLEAR_LOSS_RATIO * parallel_seconds > serial_seconds:
-                    self._narrow_wins += 1
-                    if self._narrow_wins >= self._probe_after:
-                        self._narrow_wins = 0
-                        self._probe_due = True
-                        self._probe_after = min(2 * self._probe_after, _MAX_RETRY_AFTER)
+                self._count_narrow_win(_CLEAR_LOSS_RATIO * parallel_seconds > serial_seconds)
                 return False
+            self._narrow_wins = 0
             if self.inline:  # a retry that did not pay off: wait longer for the next one
                 self._retry_after = min(2 * self._retry_after, _MAX_RETRY_AFTER)
                 self._calls_to_retry = self._retry_after
                 return False
             self._slow_calls += 1
-            clear_loss = parallel_seconds >= _CLEAR_LOSS_RATIO * serial_seconds
+            # a clear loss by the recent calls too, not one call that the machine held up
+            recent = min(parallel_seconds, _low_median(self._parallel_seconds))
+            clear_loss = recent >= _CLEAR_LOSS_RATIO * serial_seconds
             if self._slow_calls < _SLOW_CALLS_BEFORE_INLINE and not clear_loss:
                 return False
             self.inline = True
             self._calls_to_retry = self._retry_after
             return True
+
+    def _count_narrow_win(self, narrow: bool) -> None:
+        if not narrow or self._worker_seconds:  # the workers' times keep the estimate fresh
+            self._narrow_wins = 0
+            return
+        self._narrow_wins += 1
+        if self._narrow_wins >= self._probe_after:
+            self._narrow_wins = 0
+            self._probe_due = True
+            self._probe_after = min(2 * self._probe_after, _MAX_RETRY_AFTER)
+
+
+def _low_median(samples: Sequence[float]) -> float:
+    """The median of ``samples``; of an even number, the lower middle one."""
+    ordered = sorted(samples)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 # -- the wrapper ---------------------------------------------------------------------------------
@@ -430,10 +404,10 @@ def _check_terms_per_task(value: Any) -> int | Literal["auto"]:
 
 def _check_cob(cob: Any) -> None:
     missing = [name for name in _COB_METHODS if not callable(getattr(cob, name, None))]
-    if missing or not hasattr(cob, "child_context_configurator"):
+    if missing:
         raise TypeError(
             f"cob must be a CombinedObjectiveFunction, got {type(cob).__name__} "
-            f"(missing: {', '.join(missing) or 'child_context_configurator'}); wrap your "
+            f"(missing: {', '.join(missing)}); wrap your "
             "objective functions in CombinedObjectiveFunction([...]) first"
         )
 
@@ -459,12 +433,14 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         term times: a term of 5 ms or more gets its own task and the cheaper terms are packed
         into at most one task per worker. On a pool of this machine (threads, a process pool,
         loky), ``"auto"`` also keeps the terms in the calling thread when the executor does not
-        pay. It times one call in the calling thread first; then, when the plan is a single
-        task, or when two grouped calls in a row took longer than that (or one took 1.5 times
-        as long), it evaluates the terms there. It tries the executor again after 4 inline
-        calls, then 8, ... up to 64 while that stays true. While the executor wins by less
-        than 1.5 times, it times a call in the calling thread again now and then (after 4,
-        8, ... 64 such wins).
+        pay. What the terms cost there is the sum of the term times the workers measured (a
+        process pool), or the time of a call evaluated in the calling thread (a thread pool,
+        whose threads share the GIL; its first planned call runs inline to measure it). When
+        the plan is a single task, or when two grouped calls in a row took longer than that (or
+        one took 1.5 times as long), it evaluates the terms there. It tries the executor again
+        after 4 inline calls, then 8, ... up to 64 while that stays true. On a thread pool,
+        while the executor wins by less than 1.5 times, it times a call in the calling thread
+        again now and then (after 4, 8, ... 64 such wins in a row).
 
     Attributes
     ----------
@@ -483,11 +459,13 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
     * **No deadlock on a shared pool (R11).** When the chosen executor is the one running the
       current task (for instance the Fitter's pool, or the same pool for a nested wrapper), the
       terms are evaluated inline in this thread and an INFO line says so once.
-    * **Same result as the COB (R20).** The configurator runs here with absolute indices; each
-      child's ``to_result_state()`` is applied to the caller's child; the reduction runs here
-      in term order. Value and ``ctx.meta`` equal those of ``cob(parameters, ctx)``.
+    * **Same result as the COB (R20).** The wrapper calls ``cob.evaluate(parameters, ctx,
+      run_terms=...)``: the configurator runs here with absolute indices; each child's
+      ``to_result_state()`` (its own sub-evaluations collected) is applied to the caller's
+      child; the reduction runs here in term order. Value and ``ctx.meta`` equal those of
+      ``cob(parameters, ctx)``.
     * **Exception handlers** run in the task, next to the term that raised, exactly as
-      ``cob.evaluate_term`` does serially; what they write into the child context comes back.
+      ``cob.run_term`` does serially; what they write into the child context comes back.
       When a handler re-raises, the other tasks still finish, their children are applied, and
       the exception of the lowest term index is raised (with the worker's traceback as its
       ``__cause__`` when it came from another process). A handler's log lines (e.g. the
@@ -559,6 +537,7 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         self._times = _TermTimes()
         self._chooser = _InlineChooser()
         self.last_tasks: int | None = None
+        self._info: ExecutorInfo | None = None  # of the executor last chosen
         # (id(executor), hash) of the objective last sent with its data: a hint that the
         # workers have it, so tasks can carry the hash alone
         self._shipped_to: tuple[int, bytes] | None = None
@@ -616,57 +595,72 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
                 logger.debug("%s created its thread pool %r", type(self).__name__, pool)
             return self._own_pool
 
-    def _choose_executor(self, ctx: EvaluateContext) -> Any:
+    def _choose_executor(self, ctx: EvaluateContext) -> ExecutorInfo:
+        """``ctx.executor``, else :attr:`executor`, else the own pool; worked out once."""
         executor = as_executor(getattr(ctx, "executor", None))
         if executor is None:
             executor = as_executor(self.executor)
-        return self._pool() if executor is None else executor
+        if executor is None:
+            executor = self._pool()
+        info = self._info
+        # an executor chemfit does not know may turn out to run in this process: ask again
+        if info is None or info.executor is not executor or info.kind == "other":
+            info = self._info = executor_info(executor, owned=executor is self._own_pool)
+        return info
 
     # -- evaluation --------------------------------------------------------------------------
 
     def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
         ctx = ensure_context(ctx)
-        cob = self.cob
-        executor = self._choose_executor(ctx)
-        if executor is current_task_executor():
-            self._log_inline(executor)
+        info = self._choose_executor(ctx)
+        if info.executor is current_task_executor():
+            self._log_inline(info)
             self.last_tasks = 0
-            return cob(parameters, ctx)
-        ctx = cob.prepare_context(parameters, ctx)
-        n_terms = cob.n_terms()
-        chunks, judged = self._plan(n_terms, executor)
-        with ctx.child_contexts(n_terms, cob.child_context_configurator) as children:
-            start = time.perf_counter()
-            if chunks is None:
-                self.last_tasks = 0
-                terms = self._run_inline(parameters, children, n_terms)
-                self._chooser.record_inline(time.perf_counter() - start)
-            else:
-                self.last_tasks = len(chunks)
-                remote = not runs_in_process(executor)
-                shipped = _ship(cob, executor) if remote else cob
-                terms = self._run(executor, shipped, parameters, chunks, children, remote, n_terms)
-                if judged:
-                    self._judge(executor, time.perf_counter() - start)
-        kept = cob.filter_terms(terms, ctx)
-        ctx.loss = cob.apply_reduction(kept, ctx)
-        return ctx.loss
-
-    def _run_inline(
-        self, parameters: dict, children: list[EvaluateContext], n_terms: int
-    ) -> list[float | None]:
-        """Evaluate every term in this thread, timed as on the executor (``"auto"`` chose it)."""
-        indices = list(range(n_terms))
-        values, _, seconds, failure = _evaluate_chunk(
-            self.cob, parameters, indices, children, remote=False
+            return self.cob(parameters, ctx)
+        return self.cob.evaluate(
+            parameters,
+            ctx,
+            run_terms=lambda params, children: self._run_terms(info, params, children),
         )
-        self._times.record(n_terms, indices[: len(seconds)], seconds)
-        if failure is not None:
-            raise failure[1]
-        return values
 
-    def _judge(self, executor: Any, parallel_seconds: float) -> None:
-        if not self._chooser.record(id(executor), parallel_seconds):
+    def _run_terms(
+        self, info: ExecutorInfo, parameters: dict, children: list[EvaluateContext]
+    ) -> list[float | None]:
+        """The ``run_terms`` of one call: inline, or in tasks on the executor."""
+        chunks, judged = self._plan(len(children), info)
+        start = time.perf_counter()
+        if chunks is None:
+            self.last_tasks = 0
+            terms = self._run_inline(parameters, children)
+            self._chooser.record_inline(time.perf_counter() - start)
+            return terms
+        self.last_tasks = len(chunks)
+        terms = self._run(info, parameters, chunks, children)
+        if judged:
+            self._judge(info, time.perf_counter() - start)
+        elif self.terms_per_task == "auto" and info.on_this_machine:
+            self._chooser.record_unjudged(id(info.executor), time.perf_counter() - start)
+        return terms
+
+    def _run_inline(self, parameters: dict, children: list[EvaluateContext]) -> list[float | None]:
+        """Evaluate every term in this thread, timed as on the executor (``"auto"`` chose it)."""
+        cob = self.cob
+        clock = time.perf_counter
+        terms: list[float | None] = []
+        seconds: list[float] = []
+        try:
+            for idx, child in enumerate(children):
+                start = clock()
+                try:
+                    terms.append(cob.run_term(parameters, idx, child))
+                finally:
+                    seconds.append(clock() - start)
+        finally:
+            self._times.record(len(children), range(len(seconds)), seconds)
+        return terms
+
+    def _judge(self, info: ExecutorInfo, parallel_seconds: float) -> None:
+        if not self._chooser.record(id(info.executor), parallel_seconds):
             return
         serial_seconds = self._chooser.serial_seconds() or 0.0
         with self._lock:
@@ -674,17 +668,17 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         logger.log(
             logging.INFO if first else logging.DEBUG,
             "%s(terms_per_task='auto'): on %s the grouped terms took %.3g ms per call against "
-            "%.3g ms evaluated in this thread; evaluating them here from now on, and trying "
+            "%.3g ms for the terms in this thread; evaluating them here from now on, and trying "
             "the executor again from time to time (an int terms_per_task always uses the "
             "executor)%s",
             type(self).__name__,
-            type(executor).__name__,
+            info.name,
             1e3 * parallel_seconds,
             1e3 * serial_seconds,
             " (logged once)" if first else "",
         )
 
-    def _log_inline(self, executor: Any) -> None:
+    def _log_inline(self, info: ExecutorInfo) -> None:
         with self._lock:
             if self._inline_logged:
                 return
@@ -693,10 +687,10 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
             "%s: the executor %s is already running this task; evaluating the terms inline "
             "in this thread to avoid a deadlock (logged once)",
             type(self).__name__,
-            type(executor).__name__,
+            info.name,
         )
 
-    def _plan(self, n_terms: int, executor: Any) -> tuple[list[list[int]] | None, bool]:
+    def _plan(self, n_terms: int, info: ExecutorInfo) -> tuple[list[list[int]] | None, bool]:
         """The chunks of term indices to submit (``None``: evaluate inline), and whether to
         time the call against inline calls."""
         terms_per_task = self.terms_per_task
@@ -705,87 +699,110 @@ class ExecutorWrapperCOB(ObjectiveFunctor):
         seconds = self._times.estimates(n_terms)
         if seconds is None:
             return _fixed_chunks(n_terms, 1), False
-        chunks = _auto_chunks(seconds, _worker_count(executor))
-        if not is_local_pool(executor):  # remote workers may see files, programs this one lacks
+        chunks = _auto_chunks(seconds, info.n_workers)
+        if not info.on_this_machine:  # remote workers may see files, programs this one lacks
             return chunks, False
-        if len(chunks) == 1 or not self._chooser.use_executor(id(executor)):
+        if len(chunks) == 1 or not self._chooser.use_executor(id(info.executor)):
             return None, False  # one task cannot beat this thread, it only adds the round trip
         return chunks, True
 
+    def _task_function(self, info: ExecutorInfo) -> tuple[Any, _ShippedCOB | None]:
+        """What the tasks run as ``fn(parameters, idx, child)``, and the shipped objective.
+
+        In this process the objective's own ``run_term``; elsewhere a :class:`_ShippedTerms`
+        that carries the objective's data, or only its hash once this executor received it.
+        """
+        if info.in_process:
+            return self.cob.run_term, None
+        shipped = _ship(self.cob, info)
+        with self._lock:
+            known = self._shipped_to == (id(info.executor), shipped.token)
+        return _ShippedTerms(shipped.without_data() if known else shipped), shipped
+
     def _run(
         self,
-        executor: Any,
-        shipped: Any,
+        info: ExecutorInfo,
         parameters: dict,
         chunks: list[list[int]],
         children: list[EvaluateContext],
-        remote: bool,
-        n_terms: int,
     ) -> list[float | None]:
-        task = MarkedCall(_evaluate_chunk, executor)
-        first = shipped
-        if isinstance(shipped, _ShippedCOB):
-            with self._lock:
-                if self._shipped_to == (id(executor), shipped.token):
-                    first = shipped.without_data()
+        """Run ``chunks`` of terms as tasks; apply their states; raise the first failure."""
+        fn, shipped = self._task_function(info)
+        translate = _task_error_translator(info, parameters)
+        submitter = ContextSubmitter(info, fn, stop_at_first_error=True, translate=translate)
+        resender: ContextSubmitter | None = None  # with the objective's data, after a miss
 
-        def task_args(chunk: list[int], cob: Any) -> tuple:
-            chunk_children = [children[i] for i in chunk]
-            if remote:
-                chunk_children = _PackedChildren.pack(chunk_children)
-            return (cob, parameters, chunk, chunk_children, remote)
+        def group(chunk: list[int]) -> tuple[list[tuple], int]:
+            return [(parameters, idx, children[idx]) for idx in chunk], chunk[0]
 
-        futures = submit_all(executor, task, [task_args(chunk, first) for chunk in chunks])
-        pending = deque(zip(chunks, futures))
-        terms: list[float | None] = [None] * n_terms
+        futures = submitter.submit_all([group(chunk) for chunk in chunks])
+        pending: deque[tuple[list[int], ContextFuture]] = deque(zip(chunks, futures))
+        timed = self.terms_per_task == "auto"  # only "auto" plans from the term times
+        worker_seconds = 0.0  # the sum of the term times measured in the workers
+        terms: list[float | None] = [None] * len(children)
         failures: list[tuple[int, BaseException]] = []
         finished = False
         try:
             while pending:
                 chunk, future = pending.popleft()
                 try:
-                    output = future.result()
-                except Exception as exc:
-                    failures.append((chunk[0], self._translate(exc, chunk, parameters, executor)))
+                    values, errors = future.settle()
+                except Exception as exc:  # the task as a whole: a lost worker, pickling
+                    failures.append((chunk[0], exc))
                     continue
-                if output is None:  # that worker lacks the objective: send it this time
+                if errors and isinstance(errors.get(0), _ObjectiveMissing):
                     logger.debug("resending terms %s with the objective's data", chunk)
-                    (retry,) = submit_all(executor, task, [task_args(chunk, shipped)])
+                    if resender is None:
+                        resender = ContextSubmitter(
+                            info,
+                            _ShippedTerms(shipped),
+                            stop_at_first_error=True,
+                            translate=translate,
+                        )
+                    (retry,) = resender.submit_all([group(chunk)])
                     futures.append(retry)
                     pending.append((chunk, retry))
                     continue
-                values, states, seconds, failure = output
-                if states is not None:
-                    for idx, state in zip(chunk, states):
-                        children[idx].apply_result_state(state)
+                if timed:
+                    seconds = [outcome.seconds for outcome in future.outcomes()]
+                    self._times.record(len(children), chunk, seconds)
+                    worker_seconds += sum(seconds)
                 for idx, value in zip(chunk, values):
                     terms[idx] = value
-                self._times.record(n_terms, chunk, seconds)
-                if failure is not None:
-                    position, exception, text = failure
-                    failures.append((chunk[position], attach_worker_traceback(exception, text)))
+                if errors:
+                    failures.extend((chunk[position], error) for position, error in errors.items())
             finished = True
         finally:
             if not finished:  # KeyboardInterrupt and the like: drop what has not started
-                cancel_all(futures)
-        if isinstance(shipped, _ShippedCOB) and not failures:
+                for future in futures:
+                    future.cancel()
+        if shipped is not None and not failures:
             with self._lock:
-                self._shipped_to = (id(executor), shipped.token)
+                self._shipped_to = (id(info.executor), shipped.token)
+        if timed and info.local_pool and not failures:  # what the terms cost inline, unmeasured
+            self._chooser.record_worker_seconds(id(info.executor), worker_seconds)
         if failures:
             raise min(failures, key=lambda item: item[0])[1]
         return terms
 
-    def _translate(
-        self, exc: BaseException, chunk: list[int], parameters: dict, executor: Any
-    ) -> BaseException:
-        """A task's own failure (not a term's): WorkerLostError, NotPicklableError or as is."""
+
+def _task_error_translator(info: ExecutorInfo, parameters: dict) -> Any:
+    """A term's own error is raised as it is (from another process: the original exception
+    caused by a ``RemoteEvaluationError`` with the worker's traceback); a task that failed as
+    a whole (terms ``index..last``) becomes WorkerLostError, NotPicklableError or stays."""
+
+    def translate(exc: BaseException, index: int, last: int | None) -> BaseException:
+        if last is None or isinstance(exc, _ObjectiveMissing):
+            return exc
         return translate_task_error(
             exc,
-            executor,
-            index=chunk[0],
+            info,
+            index=index,
             parameters=parameters,
-            subject=f"terms {chunk[0]}..{chunk[-1]}",
+            subject=f"terms {index}..{last}",
             lost_detail="",
             lost_tail="; create a new executor to continue",
             pickled_what="the parameters, the child contexts or the results",
         )
+
+    return translate

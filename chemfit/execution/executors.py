@@ -6,6 +6,9 @@
   ``distributed.Client``, an ipyparallel ``Client`` or ``View``, or ``None``) into an
   ``ExecutorLike`` or ``None``.
 * :class:`SerialExecutor` runs every call in the caller's thread.
+* :class:`RestartableProcessPoolExecutor` is the stdlib process pool of
+  ``make_executor("process")``, which :meth:`~RestartableProcessPoolExecutor.restart` makes
+  usable again after a worker died (in place: references to it stay valid).
 
 Dask, ipyparallel and loky are never imported here at module import: clients are recognised by
 the module names of their classes, and loky and the ipyparallel executor load on first use.
@@ -15,18 +18,25 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Literal, get_args
 
 from chemfit.core.context import ExecutorLike
 
-__all__ = ["ExecutorKind", "SerialExecutor", "as_executor", "make_executor"]
+__all__ = [
+    "ExecutorKind",
+    "RestartableProcessPoolExecutor",
+    "SerialExecutor",
+    "as_executor",
+    "make_executor",
+]
 
 logger = logging.getLogger(__name__)
 
-ExecutorKind = Literal["serial", "thread", "process", "loky", "ipyparallel"]
+ExecutorKind = Literal["serial", "thread", "process", "loky", "ipyparallel", "dask"]
 _KINDS: tuple[str, ...] = get_args(ExecutorKind)
 _IPP_EXECUTOR_MODULE = "chemfit.execution.ipyparallel_executor"
 
@@ -98,6 +108,82 @@ class SerialExecutor(Executor):
         return f"SerialExecutor({state})"
 
 
+class RestartableProcessPoolExecutor(ProcessPoolExecutor):
+    """The stdlib ``ProcessPoolExecutor`` (what ``make_executor("process")`` returns), which
+    :meth:`restart` makes usable again after one of its workers died.
+
+    A stdlib pool whose worker dies is *broken*: every pending future fails with
+    ``BrokenProcessPool`` and every later ``submit`` raises it. :meth:`restart` gives this very
+    object new workers and queues (with the arguments it was created with), so that whoever
+    holds a reference to it goes on using it;
+    :func:`~chemfit.execution.recovery.recover_executor` calls it after a lost evaluation.
+
+    Examples
+    --------
+    >>> import os, signal
+    >>> with RestartableProcessPoolExecutor(1) as pool:
+    ...     pid = pool.submit(os.getpid).result()
+    ...     os.kill(pid, signal.SIGKILL)
+    ...     try:
+    ...         pool.submit(abs, -1).result()
+    ...     except Exception as exc:
+    ...         print(type(exc).__name__, pool.broken)
+    ...     print(pool.restart(), pool.broken, pool.submit(abs, -2).result(), pool.restarts)
+    BrokenProcessPool True
+    True False 2 1
+    """
+
+    def __init__(self, max_workers: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(max_workers, *args, **kwargs)
+        self._arguments = (max_workers, args, kwargs)
+        self._restart_lock = threading.Lock()
+        #: How often :meth:`restart` replaced broken workers.
+        self.restarts = 0
+
+    @property
+    def broken(self) -> bool:
+        """Whether a worker died (the pool takes no work until :meth:`restart`)."""
+        return bool(self._broken)
+
+    @property
+    def shut_down(self) -> bool:
+        """Whether ``shutdown()`` was called (a broken pool is not shut down)."""
+        return bool(self._shutdown_thread) and not self._broken
+
+    def restart(self, timeout: float = 30) -> bool:
+        """Replace the workers and queues of a broken pool, in place.
+
+        Returns ``False`` (and does nothing) when the pool is not broken. The futures that
+        failed when it broke stay failed: submit their calls again.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds to wait for the old pool's manager thread to finish cleaning up.
+
+        Raises
+        ------
+        RuntimeError
+            When the old pool does not finish cleaning up within ``timeout``.
+        """
+        with self._restart_lock:
+            if not self._broken:
+                return False
+            thread = self._executor_manager_thread
+            if thread is not None:
+                thread.join(timeout)  # it fails the pending futures and ends the old workers
+                if thread.is_alive():
+                    raise RuntimeError(
+                        f"the broken process pool did not finish cleaning up within {timeout} s; "
+                        "create a new pool with make_executor('process', n)"
+                    )
+            max_workers, args, kwargs = self._arguments
+            ProcessPoolExecutor.__init__(self, max_workers, *args, **kwargs)
+            self.restarts += 1
+            logger.info("restarted the broken process pool (restart %d)", self.restarts)
+            return True
+
+
 def _timed_out_future(timeout: float | None) -> Future:
     future: Future = Future()
     future.set_exception(TimeoutError(f"SerialExecutor.map ran out of its timeout of {timeout} s"))
@@ -121,18 +207,26 @@ def make_executor(
 
     Parameters
     ----------
-    kind : {"serial", "thread", "process", "loky", "ipyparallel"}
+    kind : {"serial", "thread", "process", "loky", "ipyparallel", "dask"}
         ``"serial"``: :class:`SerialExecutor`. ``"thread"`` / ``"process"``: the stdlib
-        ``ThreadPoolExecutor`` / ``ProcessPoolExecutor``. ``"loky"``:
+        ``ThreadPoolExecutor`` / ``ProcessPoolExecutor`` (a
+        :class:`RestartableProcessPoolExecutor`, which chemfit restarts when a worker dies). ``"loky"``:
         ``loky.get_reusable_executor(max_workers)``, which pickles lambdas and closures with
         cloudpickle (extra ``loky``). ``"ipyparallel"``: an ``IPyParallelExecutor`` on local
-        engines or an existing cluster (extra ``ipyparallel``). On all of them chemfit sends
-        what a notebook cell defines by value (with cloudpickle, when it is installed).
+        engines or an existing cluster (extra ``ipyparallel``); ``engines="slurm"`` starts the
+        engines as a Slurm job, with ``mpi=True`` under ``srun`` as one MPI world (extra
+        ``slurm``). ``"dask"``: a ``DaskClusterExecutor`` on a ``LocalCluster``
+        (``cluster="local"``), dask-jobqueue's ``SLURMCluster`` (``cluster="slurm"``) or a
+        running scheduler (``address=``). On all of them chemfit sends what a notebook cell
+        defines by value (with cloudpickle, when it is installed). See docs/cluster.md.
     max_workers : int, optional
         Number of workers; ``None`` uses the executor's default.
     **options
         Passed on to the executor's constructor (e.g. ``mp_context=`` for ``"process"``,
-        ``timeout=`` for ``"loky"``, ``profile=`` or ``mpi=True`` for ``"ipyparallel"``).
+        ``timeout=`` for ``"loky"``, ``profile=`` or ``mpi=True`` for ``"ipyparallel"``). With
+        ``engines="slurm"`` or ``cluster="slurm"``, the batch options ``partition``, ``time``,
+        ``cores``, ``memory``, ``account``, ``extra_directives``, ``job_name`` and
+        ``prologue`` (:class:`~chemfit.execution.slurm_batch.SlurmBatchOptions`).
 
     Returns
     -------
@@ -156,7 +250,7 @@ def make_executor(
     >>> make_executor("gpu")
     Traceback (most recent call last):
     ...
-    ValueError: unknown executor kind 'gpu'; choose one of 'serial', 'thread', 'process', 'loky', 'ipyparallel'
+    ValueError: unknown executor kind 'gpu'; choose one of 'serial', 'thread', 'process', 'loky', 'ipyparallel', 'dask'
     """
     if kind not in _KINDS:
         kinds = ", ".join(repr(k) for k in _KINDS)
@@ -173,9 +267,7 @@ def make_executor(
 
         return ThreadPoolExecutor(max_workers=max_workers, **options)
     if kind == "process":
-        from concurrent.futures import ProcessPoolExecutor
-
-        return ProcessPoolExecutor(max_workers=max_workers, **options)
+        return RestartableProcessPoolExecutor(max_workers=max_workers, **options)
     if kind == "loky":
         try:
             import loky
@@ -185,6 +277,10 @@ def make_executor(
                 "install it with: pip install 'chemfit[loky]'"
             ) from exc
         return loky.get_reusable_executor(max_workers=max_workers, **options)
+    if kind == "dask":
+        from chemfit.execution.dask_clusters import DaskClusterExecutor
+
+        return DaskClusterExecutor(max_workers, **options)
     # kind == "ipyparallel": the executor lives in its own module, loaded on first use.
     try:
         module = importlib.import_module(_IPP_EXECUTOR_MODULE)

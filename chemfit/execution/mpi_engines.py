@@ -34,12 +34,13 @@ from typing import Any
 
 from chemfit.core.exceptions import WorkerLostError
 from chemfit.execution.context_tasks import PickledCallable
-from chemfit.execution.ipyparallel_executor import (
-    IPyParallelExecutor,
+from chemfit.execution.executor_info import ExecutorInfo
+from chemfit.execution.ipyparallel_engine import (
+    OK,
     RemoteCall,
-    failure_to_exception,
     translate_engine_error,
 )
+from chemfit.execution.ipyparallel_executor import IPyParallelExecutor
 
 __all__ = ["MPIEngineJob", "RecordPublisher"]
 
@@ -144,7 +145,8 @@ class MPIEngineJob:
     n_engines : int
         Size of the MPI world when the job starts a cluster.
     executor : IPyParallelExecutor, optional
-        Run on the MPI engines of this executor (created with ``mpi=True``); the job never
+        Run on the MPI engines of this executor (created with ``mpi=True``; its
+        :class:`~chemfit.execution.executor_info.ExecutorInfo` is accepted too); the job never
         shuts it down, so one cluster can serve several jobs.
     profile, cluster_id, profile_dir : optional
         Connect to a running cluster of MPI engines (``ipcluster start --engines=mpi``); see
@@ -204,7 +206,7 @@ class MPIEngineJob:
         driver: Driver,
         *,
         n_engines: int = 2,
-        executor: IPyParallelExecutor | None = None,
+        executor: IPyParallelExecutor | ExecutorInfo | None = None,
         profile: str | None = None,
         cluster_id: str | None = None,
         profile_dir: str | os.PathLike | None = None,
@@ -227,6 +229,8 @@ class MPIEngineJob:
             raise ValueError(f"n_engines must be a positive int, got {n_engines!r}")
         if executor is not None and (profile is not None or cluster_id is not None):
             raise TypeError("pass either executor= or profile=/cluster_id= (to connect), not both")
+        if isinstance(executor, ExecutorInfo):
+            executor = executor.executor
         if executor is not None and not isinstance(executor, IPyParallelExecutor):
             raise TypeError(
                 f"executor must be an IPyParallelExecutor with MPI engines, got "
@@ -389,8 +393,9 @@ class MPIEngineJob:
 
     def _take_records(self, ar: Any) -> list[dict]:
         try:
-            data = ar._metadata[0]["data"]
-        except (AttributeError, IndexError, KeyError):
+            # The dict that ipyparallel's IO thread fills with what rank 0 publishes.
+            data = ar.metadata["data"]
+        except (AttributeError, IndexError, KeyError, TypeError):
             return []
         new = []
         while True:
@@ -438,9 +443,9 @@ class MPIEngineJob:
                     "received (job.records). Restart the cluster and resume"
                 ),
             )
-        if status == "ok":
+        if status == OK:
             return "ok", value
-        return "error", failure_to_exception(value, where, rank=rank)
+        return "error", value.to_exception(where, rank=rank)
 
     # -- results ------------------------------------------------------------------------------
 

@@ -1,35 +1,39 @@
 """Errors of tasks run on executors: bringing them back, recognising them, explaining them.
 
-* A task in another process returns its exception with :func:`portable_exception`; the caller
-  re-raises it with the worker's traceback attached (:func:`attach_worker_traceback`).
+* The one remote-failure convention: a worker, engine or rank captures an exception as a
+  :class:`RemoteFailure` (picklable, whatever the exception); the caller raises
+  :meth:`RemoteFailure.to_exception`: the original exception caused by a
+  :class:`~chemfit.core.exceptions.RemoteEvaluationError` whose text holds where it happened
+  and the remote traceback (or that ``RemoteEvaluationError`` alone when the exception cannot
+  be rebuilt). Process pools, loky, Dask, ipyparallel and MPI all use it.
 * :func:`is_lost_worker` and :func:`is_pickling_error` recognise a dead worker (R19) and a
   pickling failure (R18); :func:`translate_task_error` turns them into
   :class:`~chemfit.core.exceptions.WorkerLostError` and
   :class:`~chemfit.core.exceptions.NotPicklableError` with messages that name the lost work.
-* :func:`check_picklable` fails before submitting when a stdlib process pool cannot pickle the
-  work; :func:`not_picklable_error` explains what cannot be sent (naming the object and where
-  it was defined) and :func:`rebuild_error` what a worker could not rebuild.
+* :func:`not_picklable_error` explains what cannot be sent (naming the object and where it was
+  defined) and :func:`rebuild_error` what a worker could not rebuild.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import os
 import pickle
 import re
 import traceback
 import types
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError, WorkerLostError
-from chemfit.execution.task_submission import runs_in_process
+from chemfit.execution.executor_info import ExecutorInfo, executor_info
 
 __all__ = [
     "BY_VALUE_ADVICE",
     "PICKLE_ADVICE",
-    "attach_worker_traceback",
-    "check_picklable",
+    "RemoteFailure",
+    "call_parameters",
     "describe_object",
     "exception_traceback",
     "find_main_definition",
@@ -38,7 +42,6 @@ __all__ = [
     "looks_like_pickling_error",
     "not_picklable_error",
     "pickled_exception",
-    "portable_exception",
     "rebuild_error",
     "short_repr",
     "shorten",
@@ -216,6 +219,8 @@ def find_main_definition(obj: Any) -> str | None:
 
 
 def _executor_name(executor: Any) -> str:
+    if isinstance(executor, ExecutorInfo):
+        executor = executor.executor
     if isinstance(executor, str):
         return executor
     name = type(executor).__name__
@@ -232,6 +237,7 @@ def not_picklable_error(
     by_name: bool = False,
     why: str | None = None,
     tried_by_value: bool = False,
+    label: str | None = None,
 ) -> NotPicklableError:
     """The :class:`NotPicklableError` for ``obj``, which ``executor`` cannot send (R18).
 
@@ -251,6 +257,9 @@ def not_picklable_error(
         that cloudpickle is not installed).
     tried_by_value : bool
         ``error`` is cloudpickle's: advise threads, not loky (which uses cloudpickle too).
+    label : str, optional
+        What ``obj`` is, for the message (default: :func:`describe_object`), unless it holds a
+        ``__main__`` definition, which is named instead.
 
     Examples
     --------
@@ -258,7 +267,7 @@ def not_picklable_error(
     >>> "loky" in str(error), "len" in str(error)
     (True, True)
     """
-    culprit = find_main_definition(obj) or describe_object(obj)
+    culprit = find_main_definition(obj) or label or describe_object(obj)
     reason = f"{type(error).__name__}: {error}" if error is not None else ""
     if by_name:
         if why is None:
@@ -326,52 +335,93 @@ def rebuild_error(label: str, exc: BaseException) -> NotPicklableError:
 # -- bringing a worker's exception back ----------------------------------------------------------
 
 
-def portable_exception(exc: Exception) -> tuple[Exception, str]:
-    """``(exception, traceback text)`` that can travel back from another process.
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # an exception whose __str__ fails
+        return f"<unprintable {type(exc).__name__}>"
 
-    The exception is ``exc`` itself when it survives a pickle round trip, else a
-    :class:`~chemfit.core.exceptions.RemoteEvaluationError` with its type name, message and
-    traceback.
+
+@dataclass
+class RemoteFailure:
+    """What a worker, engine or rank sends back for an exception: picklable, whatever it was.
+
+    Attributes
+    ----------
+    type_name : str
+        The exception's type (qualified name).
+    message : str
+        ``str(exception)``.
+    traceback : str
+        The formatted remote traceback.
+    pickled : bytes or None
+        The pickled exception, when it also unpickles again (else ``None``).
+    where : str
+        Where it happened, e.g. ``"worker process 4242"`` or ``"rank 2"``.
 
     Examples
     --------
-    >>> exc, text = portable_exception(KeyError("k"))
-    >>> type(exc).__name__, text.strip()
-    ('KeyError', "KeyError: 'k'")
+    >>> try:
+    ...     int("x")
+    ... except ValueError as exc:
+    ...     failure = RemoteFailure.capture(exc, "worker process 1")
+    >>> error = failure.to_exception()
+    >>> type(error).__name__, type(error.__cause__).__name__
+    ('ValueError', 'RemoteEvaluationError')
+    >>> print(str(error.__cause__).splitlines()[0])
+    ValueError on worker process 1: invalid literal for int() with base 10: 'x'
     """
-    text = exception_traceback(exc)
-    if pickled_exception(exc) is None:
-        exc = RemoteEvaluationError(
-            type_name=type(exc).__name__, remote_message=str(exc), remote_traceback=text
+
+    type_name: str
+    message: str
+    traceback: str
+    pickled: bytes | None
+    where: str = ""
+
+    @classmethod
+    def capture(cls, exc: BaseException, where: str = "") -> RemoteFailure:
+        """Describe ``exc`` where it was raised (default ``where``: this process's pid)."""
+        return cls(
+            type_name=type(exc).__qualname__,
+            message=_message(exc),
+            traceback=exception_traceback(exc),
+            pickled=pickled_exception(exc),
+            where=where or f"worker process {os.getpid()}",
         )
-    return exc, text
 
+    def to_exception(
+        self, where: str | None = None, *, rank: int | None = None, term_index: int | None = None
+    ) -> BaseException:
+        """The exception to raise in the caller.
 
-class _WorkerTraceback(Exception):
-    """Carries a worker's traceback text as the ``__cause__`` of a re-raised exception."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
-
-
-def attach_worker_traceback(exc: BaseException, text: str | None) -> BaseException:
-    """Set ``exc.__cause__`` to the worker's traceback ``text`` (unless it has a cause already).
-
-    Returns ``exc``, so that Python prints the worker's traceback above the caller's.
-
-    Examples
-    --------
-    >>> exc = attach_worker_traceback(ValueError("bad"), "Traceback ...\\nValueError: bad\\n")
-    >>> "ValueError: bad" in str(exc.__cause__)
-    True
-    """
-    if text and exc.__cause__ is None:
-        exc.__cause__ = _WorkerTraceback(text)
-    return exc
+        The original exception when it unpickles, with ``__cause__`` set to a
+        :class:`~chemfit.core.exceptions.RemoteEvaluationError` that holds ``where``,
+        ``rank``, ``term_index``, the type name, the message and the remote traceback (all in
+        its text too); otherwise that ``RemoteEvaluationError`` itself.
+        """
+        where = self.where if where is None else where
+        place = where or (f"rank {rank}" if rank is not None else "a remote worker")
+        term = f", term {term_index}" if term_index is not None else ""
+        remote = RemoteEvaluationError(
+            f"{self.type_name} on {place}{term}: {self.message}\n\n"
+            f"Remote traceback:\n{self.traceback}",
+            rank=rank,
+            term_index=term_index,
+            type_name=self.type_name,
+            remote_message=self.message,
+            remote_traceback=self.traceback,
+            where=where,
+        )
+        original = None
+        if self.pickled is not None:
+            try:
+                original = pickle.loads(self.pickled)
+            except Exception:
+                original = None
+        if not isinstance(original, BaseException):
+            return remote
+        original.__cause__ = remote
+        return original
 
 
 # -- recognising failures ------------------------------------------------------------------------
@@ -426,7 +476,13 @@ def is_pickling_error(exc: BaseException, executor: Any) -> bool:
         return False
     if isinstance(exc, pickle.PicklingError):
         return True
-    return looks_like_pickling_error(exc) and not runs_in_process(executor)
+    if not looks_like_pickling_error(exc):
+        return False
+    try:
+        info = executor_info(executor)
+    except TypeError:  # not an executor: only named in messages
+        return True
+    return not info.in_process
 
 
 # -- explaining them -----------------------------------------------------------------------------
@@ -476,6 +532,8 @@ def translate_task_error(
     >>> type(error).__name__, str(error)
     ('WorkerLostError', "a worker of NoneType died while evaluating call 0 with parameters {'x': 1.0} (BrokenProcessPool: died); start again")
     """
+    if isinstance(executor, ExecutorInfo):
+        executor = executor.executor
     if _UNSERIALIZE_TEXT in str(exc):  # loky: a worker could not unpickle the task
         error: BaseException = NotPicklableError(
             f"a worker of {type(executor).__name__} could not rebuild the arguments of "
@@ -503,7 +561,14 @@ def translate_task_error(
     return error
 
 
-def _call_parameters(call: tuple) -> Any:
+def call_parameters(call: tuple) -> Any:
+    """The parameters of a call ``(*args, ctx)``: ``ctx.parameters``, else its first argument.
+
+    Examples
+    --------
+    >>> call_parameters(({"x": 1.0}, None))
+    {'x': 1.0}
+    """
     parameters = getattr(call[-1], "parameters", None)
     if parameters is None and len(call) > 1:
         parameters = call[0]
@@ -529,7 +594,7 @@ def translate_call_error(
         exc,
         executor,
         index=index,
-        parameters=_call_parameters(call),
+        parameters=call_parameters(call),
         subject=f"call {index}",
         lost_detail=in_task,
         lost_tail=(
@@ -538,62 +603,3 @@ def translate_call_error(
         ),
         pickled_what="the function, the arguments or the result",
     )
-
-
-def check_picklable(executor: Any, fn: Callable[..., Any], first_call: tuple) -> None:
-    """R18: raise :class:`NotPicklableError` before submitting when a stdlib process pool
-    cannot send ``fn`` and the first call ``(*args, ctx)``; the message names the culprit.
-
-    ``fn`` travels as chemfit packs it (:class:`~chemfit.execution.context_tasks.PickledCallable`:
-    ``__main__`` definitions by value when cloudpickle is installed); the arguments travel with
-    the pool's own pickle. References by name into ``__main__`` fail when the pool's workers
-    cannot import it (spawn or forkserver workers of a notebook).
-
-    Examples
-    --------
-    >>> import threading
-    >>> from chemfit.core.context import EvaluateContext
-    >>> from chemfit.execution.executors import SerialExecutor
-    >>> lock = threading.Lock()
-    >>> try:
-    ...     check_picklable(SerialExecutor(), lock.acquire, ({"x": 1.0}, EvaluateContext()))
-    ... except NotPicklableError as exc:
-    ...     print(str(exc).split(" (")[0])
-    SerialExecutor cannot pickle the method lock.acquire of a lock object
-    """
-    from multiprocessing.reduction import ForkingPickler
-
-    from chemfit.execution.context_tasks import PickledCallable, main_reachable
-
-    PickledCallable.pack(fn, executor)
-    try:
-        data = ForkingPickler.dumps(first_call)
-    except Exception as exc:
-        error = exc
-    else:
-        if b"__main__" in data and not main_reachable(executor):
-            raise not_picklable_error(
-                first_call,
-                executor,
-                None,
-                by_name=True,
-                why="the pool sends a call's arguments with plain pickle",
-            )
-        return
-    candidates: list[tuple[str, Any]] = []
-    for position, arg in enumerate(first_call[:-1]):
-        candidates.append((f"argument {position} of call 0 ({short_repr(arg)})", arg))
-    ctx = first_call[-1]
-    for key, value in ctx.__getstate__().items():
-        candidates.append((f"ctxs[0].{key} ({short_repr(value)})", value))
-    what = "the arguments of call 0"
-    for label, obj in candidates:
-        try:
-            ForkingPickler.dumps(obj)
-        except Exception as exc:
-            what, error = label, exc
-            break
-    raise NotPicklableError(
-        f"{type(executor).__name__} cannot pickle {what} to send it to a worker process: "
-        f"{type(error).__name__}: {error}. {PICKLE_ADVICE}"
-    ) from error

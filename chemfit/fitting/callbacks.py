@@ -20,14 +20,15 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from numbers import Real
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
-
 from chemfit.core.utils import PicklesWithoutLock, atomic_write_text
+from chemfit.fitting.jsonl import NumpyEncoder, append_line, repair_tail
+from chemfit.fitting.observations import load_observations
+from chemfit.fitting.validation import validation_line
 
 __all__ = [
     "CheckpointBestParameters",
@@ -52,15 +53,31 @@ def _usable_loss(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _best_context(ctxs: Sequence[Any]) -> tuple[int | None, float | None]:
-    """Index and loss of the context with the lowest usable ``opt_loss``."""
-    best_idx: int | None = None
-    best_loss: float | None = None
-    for idx, ctx in enumerate(ctxs):
+def _fit_history(ctxs: Sequence[Any]) -> Any:
+    """The history a fit's contexts read their best from (``None`` for other contexts)."""
+    fit = getattr(ctxs[0], "_fit", None) if ctxs else None
+    return None if fit is None else fit[0]
+
+
+def _best(ctxs: Sequence[Any]) -> tuple[float | None, Any]:
+    """``(loss, holder)`` of the best so far, where ``holder.opt_params`` and
+    ``holder.opt_meta`` describe it: ``history.best()`` for a fit's contexts, else the context
+    with the lowest usable ``opt_loss``; ``(None, None)`` before any."""
+    history = _fit_history(ctxs)
+    if history is not None:
+        record = history.best()
+        if record is None:
+            return None, None
+        if 0 <= record.worker < len(ctxs):  # its context's best is this record
+            return record.loss, ctxs[record.worker]
+        holder = SimpleNamespace(opt_params=record.parameters, opt_meta=record.meta)
+        return record.loss, holder  # a resumed fit's record from a worker gone since
+    best_ctx, best_loss = None, None
+    for ctx in ctxs:
         loss = _usable_loss(getattr(ctx, "opt_loss", None))
         if loss is not None and (best_loss is None or loss < best_loss):
-            best_idx, best_loss = idx, loss
-    return best_idx, best_loss
+            best_ctx, best_loss = ctx, loss
+    return best_loss, best_ctx
 
 
 # -- progress ---------------------------------------------------------------------------------
@@ -93,82 +110,11 @@ def log_progress(step: int, ctxs: Sequence[Any]) -> None:
         logger.info("    Opt params = %s", getattr(ctx, "opt_params", None))
         logger.info("    Cur loss   = %s", getattr(ctx, "loss", None))
         logger.info("    Cur params = %s", getattr(ctx, "parameters", None))
-    best_idx, best_loss = _best_context(ctxs)
-    best_params = None if best_idx is None else ctxs[best_idx].opt_params
+    best_loss, holder = _best(ctxs)
+    best_params = None if holder is None else holder.opt_params
     logger.info("  Opt loss (all contexts)   = %s", best_loss)
     logger.info("  Opt params (all contexts) = %s", best_params)
     logger.info("-" * 40)
-
-
-# -- JSON encoding ----------------------------------------------------------------------------
-
-_PLAIN_KEY_TYPES = (str, int, float, bool, type(None))
-
-
-def _json_key(key: Any) -> Any:
-    """A dict key JSON accepts: numpy scalars become Python scalars, anything else its repr."""
-    if isinstance(key, np.generic):
-        key = key.item()
-    return key if isinstance(key, _PLAIN_KEY_TYPES) else repr(key)
-
-
-def _fix_keys(obj: Any, path_ids: set[int]) -> Any:
-    """Copy ``obj`` where needed so that every dict key is one JSON accepts.
-
-    Containers are only rebuilt when something inside them changed. A reference cycle raises
-    ``ValueError``, as ``json`` itself does.
-    """
-    if isinstance(obj, dict):
-        container_items: Iterator = iter(obj.items())
-    elif isinstance(obj, (list, tuple)):
-        container_items = iter(enumerate(obj))
-    else:
-        return obj
-    if id(obj) in path_ids:
-        raise ValueError("Circular reference detected")
-    path_ids.add(id(obj))
-    try:
-        changed = False
-        fixed_items = []
-        for key, value in container_items:
-            new_value = _fix_keys(value, path_ids)
-            new_key = _json_key(key) if isinstance(obj, dict) else key
-            changed = changed or new_value is not value or new_key is not key
-            fixed_items.append((new_key, new_value))
-    finally:
-        path_ids.discard(id(obj))
-    if not changed:
-        return obj
-    if isinstance(obj, dict):
-        return dict(fixed_items)
-    return [value for _, value in fixed_items]
-
-
-class NumpyEncoder(json.JSONEncoder):
-    """JSON encoder for meta data: it writes anything.
-
-    numpy arrays become (nested) lists, numpy scalars become Python numbers, paths become
-    strings, dict keys JSON cannot hold become their ``repr``, and any other object is written
-    as its ``repr`` instead of raising ``TypeError``.
-
-    Examples
-    --------
-    >>> json.dumps({"x": np.arange(3), "e": np.float32(0.5), np.int64(7): {1, 2}},
-    ...            cls=NumpyEncoder)
-    '{"x": [0, 1, 2], "e": 0.5, "7": "{1, 2}"}'
-    """
-
-    def default(self, o: Any) -> Any:
-        if isinstance(o, np.ndarray):
-            return _fix_keys(o.tolist(), set())  # object arrays may hold dicts
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, os.PathLike):
-            return os.fspath(o)
-        return repr(o)
-
-    def iterencode(self, o: Any, _one_shot: bool = False) -> Iterator[str]:
-        return super().iterencode(_fix_keys(o, set()), _one_shot)
 
 
 # -- step callbacks ---------------------------------------------------------------------------
@@ -189,6 +135,7 @@ class SaveMetaData:
     Examples
     --------
     >>> import tempfile
+    >>> import numpy as np
     >>> from chemfit.core.context import EvaluateContext
     >>> folder = Path(tempfile.mkdtemp()) / "a" / "b"
     >>> ctx = EvaluateContext()
@@ -243,7 +190,7 @@ class CheckpointBestParameters:
     Examples
     --------
     >>> import tempfile
-    >>> from types import SimpleNamespace
+    >>> import numpy as np
     >>> path = Path(tempfile.mkdtemp()) / "best.json"
     >>> checkpoint = CheckpointBestParameters(path)
     >>> ctx = SimpleNamespace(opt_loss=2.0, opt_params={"a": 1.0}, opt_meta={"f": np.ones(2)})
@@ -267,15 +214,14 @@ class CheckpointBestParameters:
             self._counter += 1
 
     def __call__(self, step: int, ctxs: Sequence[Any]) -> None:
-        best_idx, loss = _best_context(ctxs)
-        if best_idx is None or (self.best_loss is not None and not loss < self.best_loss):
+        loss, holder = _best(ctxs)
+        if holder is None or (self.best_loss is not None and not loss < self.best_loss):
             return
-        ctx = ctxs[best_idx]
         data = {
             "step": step,
             "loss": loss,
-            "parameters": ctx.opt_params,
-            "meta": getattr(ctx, "opt_meta", None),
+            "parameters": holder.opt_params,
+            "meta": getattr(holder, "opt_meta", None),
         }
         target = self._next_numbered_path() if self.dont_overwrite else self.path
         try:
@@ -295,27 +241,6 @@ class CheckpointBestParameters:
 
 
 # -- evaluation history -----------------------------------------------------------------------
-
-
-def _repair_tail(path: Path) -> None:
-    """Make an existing history file end with a newline, dropping a truncated last line."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return
-    if not data or data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    tail = data[cut:]
-    try:
-        json.loads(tail)
-    except ValueError:
-        logger.warning("%s: dropping the truncated last line %r before appending", path, tail[:80])
-        with path.open("r+b") as fh:
-            fh.truncate(cut)
-        return
-    with path.open("ab") as fh:
-        fh.write(b"\n")
 
 
 class JSONLinesHistory(PicklesWithoutLock):
@@ -351,7 +276,7 @@ class JSONLinesHistory(PicklesWithoutLock):
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.append:
-            _repair_tail(self.path)
+            repair_tail(self.path)
         else:
             self.path.write_bytes(b"")
 
@@ -365,92 +290,25 @@ class JSONLinesHistory(PicklesWithoutLock):
                 f"JSONLinesHistory expects an EvaluationRecord, got {type(record).__name__}: "
                 f"{record!r}; register it with Fitter.register_evaluation_callback"
             )
-        line = json.dumps(data, cls=NumpyEncoder) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
+        with self._lock:
+            append_line(self.path, data)
             self.n_written += 1
+
+    def on_validation(self, index: int, loss: float) -> None:
+        """Append the validation loss of record ``index`` (``Fitter(validation=...)``) as a
+        line ``{"index": ..., "validation": ...}``; ``FitHistory.from_jsonl`` reads it back
+        into ``history.validation`` and ``load_observations`` skips it.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "fit.jsonl"
+        >>> JSONLinesHistory(path).on_validation(3, 0.5)
+        >>> path.read_text()
+        '{"index": 3, "validation": 0.5}\\n'
+        """
+        with self._lock:
+            append_line(self.path, validation_line(index, loss))
 
     def __repr__(self) -> str:
         return f"JSONLinesHistory({str(self.path)!r}, append={self.append})"
-
-
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
-
-
-def _number(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
-        return _NON_FINITE[value.strip().lower()]
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{what} must be a number or null, got {value!r}")
-    return float(value)
-
-
-def _parameters(value: Any, what: str) -> dict:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{what} must be an object of parameter values, got {value!r}")
-    nested = {}
-    for key, leaf in value.items():
-        where = f"{what}.{key}"
-        nested[key] = (
-            _parameters(leaf, where) if isinstance(leaf, Mapping) else _number(leaf, where)
-        )
-    return nested
-
-
-def load_observations(path: str | os.PathLike) -> list[tuple[dict, float | None]]:
-    """Read a :class:`JSONLinesHistory` file as ``(parameters, loss)`` pairs, in file order.
-
-    The result can be passed as ``initial_observations`` to ``Fitter.fit_nevergrad`` to resume
-    a fit. Blank lines are ignored. A truncated last line (a process killed while writing) is
-    skipped with a WARNING; any other bad line raises ``ValueError`` naming the file and line.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The history file.
-
-    Returns
-    -------
-    list of (dict, float)
-        Nested parameters (leaves as floats) and the loss told for them.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "fit.jsonl"
-    >>> _ = path.write_text('{"parameters": {"a": {"b": 1}}, "loss": 0.5}\\n{"parame')
-    >>> load_observations(path)
-    [({'a': {'b': 1.0}}, 0.5)]
-    """
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    observations: list[tuple[dict, float | None]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        lineno = i + 1
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            if i == last:
-                logger.warning("%s: skipping the truncated last line %d (%s)", path, lineno, exc)
-                continue
-            raise ValueError(
-                f"{path}, line {lineno}: not valid JSON ({exc}); each line must hold one "
-                "evaluation record"
-            ) from exc
-        try:
-            if not isinstance(data, Mapping) or "parameters" not in data or "loss" not in data:
-                raise ValueError(
-                    f"expected an object with the keys 'parameters' and 'loss', got {line[:80]!r}"
-                )
-            observations.append(
-                (_parameters(data["parameters"], "parameters"), _number(data["loss"], "loss"))
-            )
-        except ValueError as exc:
-            raise ValueError(f"{path}, line {lineno}: {exc}") from exc
-    return observations

@@ -1,9 +1,11 @@
 """The :class:`Fitter`: drives nevergrad, scipy or a hand-written loop over an objective.
 
 The fitter keeps one :class:`FitterEvaluateContext` per worker. Each evaluation runs in a freshly
-reset context (R6); the context's result state carries the evaluation count and the best point
-seen, so the best-so-far survives thread, process and remote workers (R1). Every told evaluation
-becomes an :class:`~chemfit.fitting.results.EvaluationRecord`, and each fit leaves a
+reset context (R6). Every told evaluation becomes, once, an
+:class:`~chemfit.fitting.results.EvaluationRecord` in the fit's
+:class:`~chemfit.fitting.results.FitHistory` (``fitter.history``), the one source of the fit's
+progress: its count and best, the contexts' ``n_evals``/``opt_*``, the progress bar, the
+callbacks and the result all read it, wherever the evaluations ran (R1). Each fit leaves a
 :class:`~chemfit.fitting.results.FitResult` in ``fitter.result`` - also when an exception or a
 ``KeyboardInterrupt`` ends it, before that propagates (an interrupt as
 :class:`~chemfit.core.exceptions.FitInterrupted`). ``fit_nevergrad(resume=True)`` continues
@@ -12,8 +14,9 @@ the previous fit: its result then covers both.
 The parts live in small modules: :mod:`~chemfit.fitting.fitter_context` (the context and the
 objective wrapper, re-exported here), :mod:`~chemfit.fitting.parameter_space` (parameters and
 bounds), :mod:`~chemfit.fitting.optimizer_lookup`, :mod:`~chemfit.fitting.fit_session` (the
-state of one fit) and :mod:`~chemfit.fitting.nevergrad_loop`. nevergrad and ``scipy.optimize``
-are imported on first use.
+state of one fit: evaluating, recording, callbacks) and :mod:`~chemfit.fitting.nevergrad_loop`
+(the loops, which work on the session). nevergrad and ``scipy.optimize`` are imported on first
+use.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from chemfit.core.flatdict import flatten_dict
 from chemfit.core.objectives import ObjectiveFunctor
 from chemfit.core.utils import check_params_near_bounds
 from chemfit.core.wrapping import WrappedObjectiveFunctor
+from chemfit.execution.executor_info import executor_info
 from chemfit.execution.executors import as_executor
+from chemfit.fitting.fault_policy import FaultPolicy
 from chemfit.fitting.fit_session import FitSession, open_pool, progress_bar
 from chemfit.fitting.fitter_context import (
     FitterEvaluateContext,
     FitterObjectiveFunctor,
-    best_context,
     worker_contexts,
 )
 from chemfit.fitting.nevergrad_loop import NevergradLoop, quiet_cma_injections
@@ -61,9 +65,10 @@ from chemfit.fitting.parameter_space import (
     usable_observations,
     validate_parameters,
 )
-from chemfit.fitting.results import EvaluationRecord, FitResult
+from chemfit.fitting.results import EvaluationRecord, FitHistory, FitResult
+from chemfit.fitting.validation import ValidationMonitor, check_validation
 
-__all__ = ["Fitter", "FitterEvaluateContext", "FitterObjectiveFunctor"]
+__all__ = ["CallbackHandle", "Fitter", "FitterEvaluateContext", "FitterObjectiveFunctor"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,40 @@ def _accepts_ctx(func: Callable[..., Any]) -> bool:
         return False
     param = parameters.get("ctx")
     return param is not None and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+
+
+class CallbackHandle:
+    """What ``register_callback`` and ``register_evaluation_callback`` return: pass it to
+    :meth:`Fitter.remove_callback` to remove that registration.
+
+    Attributes
+    ----------
+    func : callable
+        The registered callback.
+    n_steps : int or None
+        Its step interval; ``None`` for an evaluation callback.
+
+    Examples
+    --------
+    >>> fitter = Fitter(lambda p: p["x"] ** 2, {"x": 1.0})
+    >>> handle = fitter.register_callback(print, n_steps=5)
+    >>> handle
+    CallbackHandle(print, n_steps=5)
+    >>> fitter.remove_callback(handle), fitter.callbacks
+    (True, [])
+    """
+
+    __slots__ = ("entry", "func", "n_steps")
+
+    def __init__(self, func: Callable[..., Any], n_steps: int | None, entry: Any) -> None:
+        self.func = func
+        self.n_steps = n_steps
+        self.entry = entry  # the object in fitter.callbacks / fitter.evaluation_callbacks
+
+    def __repr__(self) -> str:
+        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        kind = "evaluation" if self.n_steps is None else f"n_steps={self.n_steps}"
+        return f"CallbackHandle({name}, {kind})"
 
 
 class _StopRequested(Exception):
@@ -116,6 +155,14 @@ class Fitter:
         Tell ``value_bad_params`` instead of aborting when the objective raises.
     log_exceptions : bool
         Log the traceback when the objective raises.
+    validation : ObjectiveFunctor or callable, optional
+        A second objective on held-out data (same parameters, called like the objective),
+        evaluated on the fit's executor for every new best of the training loss; see
+        :mod:`chemfit.fitting.validation`. The losses are in ``history.validation``,
+        ``result.validation`` and ``result.best_validation_loss``.
+    validation_patience : int, optional
+        Stop the fit (``result.stopped``) once the validation loss has not improved for this
+        many consecutive improvements of the training loss.
 
     Attributes
     ----------
@@ -148,6 +195,8 @@ class Fitter:
         value_bad_params: float = 1e5,
         swallow_exceptions: bool = False,
         log_exceptions: bool = True,
+        validation: ObjectiveFunctor | Callable[..., Any] | None = None,
+        validation_patience: int | None = None,
     ) -> None:
         if isinstance(objective_function, ObjectiveFunctor):
             wrapped: Callable[..., Any] = objective_function
@@ -187,6 +236,9 @@ class Fitter:
         self.result: FitResult | None = None
         self._session: FitSession | None = None
         self._stop = threading.Event()
+        self.validation, self.validation_patience = check_validation(
+            validation, validation_patience
+        )
 
     @property
     def value_bad_params(self) -> float:
@@ -199,11 +251,13 @@ class Fitter:
 
     # -- callbacks ----------------------------------------------------------------------------
 
-    def register_callback(self, func: Callback, n_steps: int = 1) -> None:
+    def register_callback(self, func: Callback, n_steps: int = 1) -> CallbackHandle:
         """Call ``func(step, contexts)`` after every ``n_steps``-th optimizer step.
 
-        Callbacks run on the main thread, in registration order, after the step's results were
-        told, whenever ``step % n_steps == 0``. An exception from a callback ends the fit.
+        Callbacks run on the fitting thread, in registration order, after the step's results
+        were told, whenever ``step % n_steps == 0``. An exception from a callback ends the fit.
+        Returns a handle for :meth:`remove_callback`; the progress so far is in
+        :attr:`history`.
 
         Examples
         --------
@@ -220,18 +274,21 @@ class Fitter:
                 f"n_steps must be an int >= 1, got {n_steps!r}; pass how many steps lie "
                 "between calls"
             )
-        self.callbacks.append((func, int(n_steps)))
+        entry = (func, int(n_steps))
+        self.callbacks.append(entry)
+        return CallbackHandle(func, int(n_steps), entry)
 
-    def register_evaluation_callback(self, func: EvaluationCallback) -> None:
+    def register_evaluation_callback(self, func: EvaluationCallback) -> CallbackHandle:
         """Call ``func(record)`` with an :class:`EvaluationRecord` for every told evaluation.
 
-        Records arrive in tell order; replayed initial observations are skipped.
+        Records arrive in tell order, once each is in :attr:`history`; replayed initial
+        observations are skipped. Returns a handle for :meth:`remove_callback`.
 
         Examples
         --------
         >>> fitter = Fitter(lambda p: p["x"] ** 2, {"x": 1.0})
         >>> losses = []
-        >>> fitter.register_evaluation_callback(lambda record: losses.append(record.loss))
+        >>> _ = fitter.register_evaluation_callback(lambda record: losses.append(record.loss))
         >>> fitter.init()
         >>> fitter.ask({"x": 3.0})
         9.0
@@ -244,6 +301,58 @@ class Fitter:
                 f"evaluation callback must be callable, got {func!r} ({type(func).__name__})"
             )
         self.evaluation_callbacks.append(func)
+        return CallbackHandle(func, None, func)
+
+    def remove_callback(self, handle_or_func: CallbackHandle | Callable[..., Any]) -> bool:
+        """Remove a step or evaluation callback; returns whether one was registered.
+
+        Pass the handle a ``register_*`` method returned (removes that registration) or the
+        callback itself (removes every registration of it, of both kinds). Safe during a fit,
+        from any thread and from a callback: the callbacks of a step (or of a record) are
+        fixed when they start.
+
+        Examples
+        --------
+        >>> fitter = Fitter(lambda p: p["x"] ** 2, {"x": 1.0})
+        >>> _ = fitter.register_evaluation_callback(print)
+        >>> fitter.remove_callback(print), fitter.remove_callback(print)
+        (True, False)
+        """
+        if isinstance(handle_or_func, CallbackHandle):
+            entries = self.callbacks if handle_or_func.n_steps is not None else None
+            target = self.evaluation_callbacks if entries is None else entries
+            for i, entry in enumerate(target):
+                if entry is handle_or_func.entry:
+                    del target[i]
+                    return True
+            return False
+        n_before = len(self.callbacks) + len(self.evaluation_callbacks)
+        self.callbacks[:] = [entry for entry in self.callbacks if entry[0] != handle_or_func]
+        self.evaluation_callbacks[:] = [f for f in self.evaluation_callbacks if f != handle_or_func]
+        return len(self.callbacks) + len(self.evaluation_callbacks) < n_before
+
+    @property
+    def history(self) -> FitHistory:
+        """The :class:`FitHistory` of the running fit, else of ``result`` (empty before any).
+
+        Records are appended while the fit runs, so another thread can follow it: ``len()``
+        counts the evaluations, ``best()`` is the best so far, ``records_since(n)`` the new
+        records.
+
+        Examples
+        --------
+        >>> fitter = Fitter(lambda p: (p["x"] - 1.0) ** 2, {"x": 0.0})
+        >>> len(fitter.history)
+        0
+        >>> _ = fitter.fit_nevergrad(budget=5, optimizer_str="OnePlusOne")
+        >>> len(fitter.history), fitter.history.best().loss == fitter.result.best_loss
+        (5, True)
+        """
+        session = self._session
+        if session is not None:
+            return session.history
+        result = self.result
+        return result.history if result is not None else FitHistory()
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -292,8 +401,10 @@ class Fitter:
         seed: int | None = None,
         record_meta: bool = True,
         previous: FitResult | None = None,
+        first_index: int = 0,
     ) -> FitSession:
-        """Open the session of a new fit; with ``previous``, one that continues that result."""
+        """Open the session of a new fit; with ``previous``, one that continues that result.
+        Its records are numbered from ``first_index`` on (and after ``previous``'s)."""
         num_workers = _check_count("num_workers", num_workers)
         ctx_list = worker_contexts(num_workers, contexts)
         resolved = as_executor(executor)
@@ -307,11 +418,12 @@ class Fitter:
             )
         self.contexts = ctx_list
         self._hook_pre_fit()
-        self._stop.clear()  # a request from before this fit does not end it
+        # what the executor is, worked out once for the whole fit (None: serial, in this thread)
+        info = None if resolved is None else executor_info(resolved, owned=owned is not None)
         self._session = FitSession.continuing(
             previous,
             num_workers=num_workers,
-            executor=resolved,
+            executor=info,
             owned_executor=owned,
             finalizer=finalizer,
             backend=backend,
@@ -320,7 +432,15 @@ class Fitter:
             seed=seed,
             record_meta=bool(record_meta),
             t0=time.perf_counter(),
+            contexts=ctx_list,
+            objective=self.objective_function,
+            step_callbacks=self.callbacks,
+            evaluation_callbacks=self.evaluation_callbacks,
+            stop=self._stop,
+            first_index=first_index,
         )
+        if self.validation is not None:  # the held-out objective, at each new best
+            self._session.validation = ValidationMonitor.for_fitter(self, self._session)
         return self._session
 
     def _require_session(self, method: str) -> FitSession:
@@ -332,14 +452,15 @@ class Fitter:
         return self._session
 
     def request_stop(self) -> None:
-        """Ask the running fit to end early; safe to call from any thread.
+        """Ask the running fit, or the next one, to end early; safe to call from any thread.
 
         ``fit_nevergrad`` asks no new candidate, waits for the evaluations in flight, tells and
         records them, runs the step callbacks of that last step and returns the optimizer's
         recommendation; ``fit_scipy`` returns the best point evaluated so far. Nothing raises:
-        ``result.stopped`` is ``True`` and the history keeps every evaluation. Each fit starts
-        with the request cleared, so a request made while no fit runs has no effect. A
-        hand-driven fit (:meth:`init`, :meth:`ask`, :meth:`tell`) can poll
+        ``result.stopped`` is ``True`` and the history keeps every evaluation. A request made
+        while no fit runs stops the next fit before its first evaluation (so a Stop pressed
+        while a fit is being started is not lost); every fit consumes the request when it
+        ends. A hand-driven fit (:meth:`init`, :meth:`ask`, :meth:`tell`) can poll
         :attr:`stop_requested` itself.
 
         Examples
@@ -348,10 +469,17 @@ class Fitter:
         >>> def stop_after_step_2(step, contexts):
         ...     if step == 2:
         ...         fitter.request_stop()  # e.g. from a button, in another thread
-        >>> fitter.register_callback(stop_after_step_2)
+        >>> handle = fitter.register_callback(stop_after_step_2)
         >>> _ = fitter.fit_nevergrad(budget=100, optimizer_str="OnePlusOne", num_workers=2)
-        >>> fitter.result.stopped, fitter.result.n_evals
-        (True, 6)
+        >>> fitter.result.stopped, fitter.result.n_evals, fitter.stop_requested
+        (True, 6, False)
+
+        A request made before a fit stops it before its first evaluation:
+
+        >>> fitter.request_stop()
+        >>> params = fitter.fit_scipy(method="Nelder-Mead")
+        >>> fitter.result.stopped, fitter.result.n_evals, params
+        (True, 0, {'x': 0.0})
         """
         if not self._stop.is_set():
             logger.info("stop requested: the fit ends once the evaluations in flight are told")
@@ -359,7 +487,7 @@ class Fitter:
 
     @property
     def stop_requested(self) -> bool:
-        """Whether :meth:`request_stop` was called since the current fit started."""
+        """Whether a :meth:`request_stop` is pending (consumed when a fit ends)."""
         return self._stop.is_set()
 
     def close(self) -> None:
@@ -428,13 +556,7 @@ class Fitter:
                 f"ask got {len(parameters)} candidates but num_workers={session.num_workers}; "
                 "pass at most num_workers dicts or call init() with more workers"
             )
-        return session.evaluate_batch(self.objective_function, self.contexts, list(parameters))
-
-    def _dispatch_step(self, session: FitSession, step: int) -> None:
-        for func, n_steps in self.callbacks:
-            if step % n_steps == 0:
-                func(step, self.contexts)
-        session.step = step + 1
+        return session.evaluate_batch(list(parameters), step=None)
 
     def tell(self, step: int | None = None) -> None:
         """Complete an optimizer step: record the evaluations asked since, then run callbacks.
@@ -446,8 +568,9 @@ class Fitter:
             step = session.step
         elif isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
-        session.flush(int(step), self.evaluation_callbacks)
-        self._dispatch_step(session, int(step))
+        session.tell_untold(int(step))
+        session.notify()
+        session.end_step(int(step))
 
     def finish(self, opt_params: dict | None = None) -> dict:
         """End the fit: set ``result``, log near-bound warnings and shut down an owned pool.
@@ -457,16 +580,22 @@ class Fitter:
         """
         session = self._require_session("finish")
         try:
-            if session.pending:
-                session.flush(session.step, self.evaluation_callbacks)
+            if session.untold:
+                session.tell_untold(session.step)
+            session.notify()
+            if session.validation is not None:  # the validations still running
+                session.validation.finish()
             if opt_params is None:
-                best = self._best_so_far(session)
+                best = session.history.best()
                 if best is not None:
-                    opt_params = best[1]
+                    opt_params = best.parameters
                 elif session.n_evals > 0:
                     logger.warning(
                         "every evaluation was penalised; returning the initial parameters"
                     )
+                    opt_params = self.initial_parameters
+                elif session.stopped:
+                    logger.info("stopped before any evaluation; returning the initial parameters")
                     opt_params = self.initial_parameters
                 else:
                     raise RuntimeError(
@@ -482,8 +611,13 @@ class Fitter:
                 raise interrupted from exc
             raise
         session.shutdown_pool(wait_for_tasks=True)
-        self._session = None
+        self._end_session()
         return params
+
+    def _end_session(self) -> None:
+        """Forget the session; the fit consumes a stop request."""
+        self._session = None
+        self._stop.clear()
 
     def _build_result(
         self,
@@ -493,16 +627,16 @@ class Fitter:
         interrupted: bool = False,
         error: str | None = None,
     ) -> FitResult:
-        best = self._best_so_far(session)
+        best = session.history.best()
         if best is not None:
-            best_loss, best_params, best_meta = best
-            best_params, best_meta = float_tree(best_params), copy.deepcopy(best_meta)
+            best_loss, best_params = best.loss, float_tree(best.parameters)
+            best_meta = copy.deepcopy(self._best_meta(best))
         else:
             best_params, best_loss, best_meta = copy.deepcopy(params), math.inf, {}
         # Counted from the history, the result agrees with it also when an interrupt leaves
-        # evaluations untold. A resumed result's own evaluations are replayed, not observations.
+        # evaluations untold.
         n_evals = session.n_evals
-        n_observations = session.n_observations - session.n_resumed
+        n_observations = session.history.n_observations
         end = self.time_fit_end if self.time_fit_end is not None else time.time()
         wall_time = end - (self.time_fit_start or end)
         previous = session.previous
@@ -530,15 +664,16 @@ class Fitter:
             stopped=session.stopped,
         )
 
-    def _best_so_far(self, session: FitSession) -> tuple[float, dict, dict] | None:
-        """``(loss, parameters, meta)`` of the session's best record or observation; the meta
-        comes from the workers' contexts when records keep none (``record_meta=False``)."""
-        best = session.best()
-        if best is None or best[2] is not None:
-            return best
-        ctx = best_context(self.contexts)
-        meta = ctx.opt_meta if ctx is not None and ctx.opt_loss == best[0] else None
-        return best[0], best[1], meta if meta is not None else {}
+    def _best_meta(self, best: EvaluationRecord) -> dict:
+        """The meta of the best record; without one (``record_meta=False``), the meta its
+        context kept for it."""
+        if best.meta is not None:
+            return best.meta
+        if 0 <= best.worker < len(self.contexts):
+            extras = getattr(self.contexts[best.worker], "_best_extras", None)
+            if extras is not None and extras[0] is best and extras[2] is not None:
+                return extras[2]
+        return {}
 
     def _abort(self, session: FitSession, exc: BaseException) -> FitInterrupted | None:
         """Keep the best so far in ``result`` and release the owned pool (R13).
@@ -548,13 +683,16 @@ class Fitter:
         """
         try:
             self.time_fit_end = time.time()
-            if session.pending:  # evaluated, not yet told: an interrupt came between the two
-                try:
-                    session.flush(session.step, self.evaluation_callbacks)
-                except Exception:
-                    logger.debug("an evaluation callback failed on the last records", exc_info=True)
-            best = self._best_so_far(session)
-            params = float_tree(best[1] if best is not None else self.initial_parameters)
+            if session.untold:  # evaluated, not yet told: an interrupt came between the two
+                session.tell_untold(session.step)
+            try:
+                session.notify()
+            except Exception:
+                logger.debug("an evaluation callback failed on the last records", exc_info=True)
+            if session.validation is not None:  # keep the finished validations only
+                session.validation.abandon()
+            best = session.history.best()
+            params = float_tree(best.parameters if best is not None else self.initial_parameters)
             interrupted = isinstance(exc, KeyboardInterrupt)
             self.result = self._build_result(
                 session,
@@ -564,7 +702,7 @@ class Fitter:
             )
         finally:
             session.shutdown_pool(wait_for_tasks=False)
-            self._session = None
+            self._end_session()
         if not isinstance(exc, KeyboardInterrupt) or isinstance(exc, FitInterrupted):
             return None
         return FitInterrupted(self._interrupt_message(), result=self.result)
@@ -582,14 +720,8 @@ class Fitter:
         ]
         where = " and ".join(["fitter.result", *files])
         if math.isfinite(result.best_loss):
-            step = next(
-                (
-                    record.step
-                    for record in result.history
-                    if not record.penalised and record.loss == result.best_loss
-                ),
-                None,
-            )
+            record = result.history.best()
+            step = record.step if record is not None and record.index >= 0 else None
             at = f" at step {step}" if step is not None else " (an initial observation)"
             best = f"best loss {result.best_loss:.6g}{at}"
         else:
@@ -618,6 +750,9 @@ class Fitter:
         progress: bool | None = None,
         record_meta: bool = True,
         resume: bool = False,
+        retries: int = 0,
+        evaluation_timeout: float | None = None,
+        on_error: Literal["raise", "record"] = "raise",
     ) -> dict:
         """Minimise with a nevergrad optimizer; returns its recommendation as nested floats.
 
@@ -659,11 +794,35 @@ class Fitter:
             and ``wall_time`` added up, the best over both; ``stopped``, ``interrupted``,
             ``error`` and ``parameters`` describe the new part. Without a previous result it
             is a fresh fit.
+        retries : int
+            How many times an evaluation that was lost (its process-pool or loky worker, its
+            ipyparallel engine or its Dask worker died, or it ran past ``evaluation_timeout``)
+            is submitted again, with the same parameters, to the same context: on the workers
+            left, or on a rebuilt pool for pools chemfit can rebuild (``make_executor``'s
+            process pool, loky). After the last try it is recorded with status ``"lost"``,
+            told ``value_bad_params``, and the fit goes on.
+        evaluation_timeout : float, optional
+            Seconds an evaluation may run; then it is abandoned (its worker process or engine
+            killed where the executor allows) and counts as lost. On threads and serial
+            executors nothing can be killed: one WARNING says so and the fit waits.
+        on_error : {"raise", "record"}
+            ``"raise"``: an exception of the objective ends the fit. ``"record"``: the
+            evaluation is recorded with status ``"failed"`` (``error`` is
+            ``"Type: message"``, ``traceback`` the remote traceback), the optimizer is told
+            ``value_bad_params``, and the fit goes on.
+
+            With the defaults, a lost evaluation ends the fit with ``WorkerLostError``; with
+            any of the three set, it is recorded and the fit goes on. The fit stops with a
+            clear ``WorkerLostError`` when no worker is left or the executor cannot be
+            rebuilt; the history (and a ``JSONLinesHistory`` file) then holds every
+            evaluation. ``result.n_failed`` and ``result.n_lost`` count them.
 
         Raises
         ------
         FitInterrupted
             A ``KeyboardInterrupt`` ended the fit; ``result`` holds the evaluations so far.
+        WorkerLostError
+            A worker died (with the defaults), or no worker is left.
 
         Examples
         --------
@@ -684,8 +843,11 @@ class Fitter:
             raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
         if not isinstance(resume, bool):
             raise TypeError(f"resume must be True or False, got {resume!r}")
+        faults = FaultPolicy(retries, evaluation_timeout, on_error)
         flat, flat_bounds = validate_parameters(self.initial_parameters, self.bounds)
         optimizer_cls = nevergrad_optimizer_class(optimizer_str)
+        # records go on after those of the file the observations were loaded from
+        first_index = int(getattr(initial_observations, "next_index", 0))
         observations = list(initial_observations) if initial_observations is not None else []
         previous = self.result if resume else None
         earlier = self._earlier_evaluations(previous, flat)
@@ -700,18 +862,19 @@ class Fitter:
             seed=None if seed is None else int(seed),
             record_meta=record_meta,
             previous=previous,
+            first_index=first_index,
         )
+        session.faults = faults
         try:
             session.bar = progress_bar(
                 progress,
                 budget,
                 f"nevergrad {optimizer_str}",
                 initial=len(session.history),
-                best=session.best_told,
+                best=session.history.best(),
             )
             resumed = usable_observations(earlier, flat, flat_bounds)
             replay = resumed + usable_observations(observations, flat, flat_bounds)
-            session.n_resumed = len(resumed)
 
             def make_optimizer(start: dict, told: int) -> Any:
                 parametrization = nevergrad_parametrization(start, flat_bounds)
@@ -722,32 +885,25 @@ class Fitter:
                 )
 
             start = dict(flat)
-            optimizer = make_optimizer(start, len(replay))
-            why_not = self._cannot_learn_from(optimizer) if replay else None
-            tell_replay = why_not is None
-            if not tell_replay:
-                start = self._restart_point(optimizer_str, replay, start, why_not, len(resumed))
-                optimizer = make_optimizer(start, 0)
-            loop = NevergradLoop(
-                session,
-                optimizer,
-                self.contexts,
-                self.objective_function,
-                flush=lambda step: session.flush(step, self.evaluation_callbacks),
-                dispatch=lambda step: self._dispatch_step(session, step),
-                stop_requested=self._stop.is_set,
-                first_step=session.step,
-            )
+            loop = NevergradLoop(session, make_optimizer(start, len(replay)))
+            why_not = self._cannot_learn_from(loop.optimizer) if replay else None
+            bad = float(self.value_bad_params)
+            if why_not is not None:  # count them, then start from the best point
+                loop.replay(replay, bad, tell=False, n_resumed=len(resumed))
+                start = self._restart_point(
+                    optimizer_str, start, why_not, len(replay), len(resumed)
+                )
+                loop.optimizer = make_optimizer(start, 0)
             with quiet_cma_injections():
-                loop.replay(replay, float(self.value_bad_params), tell=tell_replay)
-                self._carry_best(previous)
-                if not (resumed and tell_replay):  # a told resumed fit goes on from its points
-                    optimizer.suggest(start)
+                if why_not is None:
+                    loop.replay(replay, bad, n_resumed=len(resumed))
+                if not (resumed and why_not is None):  # a told resumed fit goes on from its points
+                    loop.optimizer.suggest(start)
                 if mode == "async" and num_workers > 1:
                     loop.run_async(budget)
                 else:
                     loop.run_batches(budget)
-                recommendation = optimizer.provide_recommendation().value
+                recommendation = loop.optimizer.provide_recommendation().value
             opt_params = nested_floats(recommendation.items())
         except BaseException as exc:
             interrupted = self._abort(session, exc)
@@ -774,38 +930,17 @@ class Fitter:
             for record in previous.history
         ]
 
-    def _carry_best(self, previous: FitResult | None) -> None:
-        """Start the best so far of a resumed fit's contexts (``contexts[0]``, as the step
-        callbacks see it) from the previous result, which covers its observations too."""
-        if previous is None or not math.isfinite(previous.best_loss):
-            return
-        ctx = self.contexts[0]
-        if ctx.opt_loss is None or previous.best_loss <= ctx.opt_loss:
-            ctx.opt_params = copy.deepcopy(previous.best_parameters)
-            ctx.opt_meta = copy.deepcopy(previous.best_meta)
-            ctx.opt_quantities = None
-            ctx.opt_loss = previous.best_loss
-
     def _restart_point(
-        self,
-        optimizer_str: str,
-        replay: list[tuple[dict[str, float], Any]],
-        start: dict,
-        why_not: str,
-        n_resumed: int = 0,
+        self, optimizer_str: str, start: dict, why_not: str, n_replayed: int, n_resumed: int = 0
     ) -> dict:
-        """The best finite observation, where a fit restarts when its optimizer cannot be told
-        the observations (``why_not`` from :meth:`_cannot_learn_from`). The first
-        ``n_resumed`` of ``replay`` are a resumed fit's own evaluations."""
-        finite = [
-            (float(loss), values)
-            for values, loss in replay
-            if loss is not None
-            and math.isfinite(float(loss))
-            and float(loss) < self.value_bad_params
-        ]
-        best = dict(min(finite, key=lambda item: item[0])[1]) if finite else start
-        if n_resumed == len(replay):
+        """The best point so far (``history.best()``, the counted observations included),
+        where a fit restarts when its optimizer cannot be told the observations (``why_not``
+        from :meth:`_cannot_learn_from`). ``n_resumed`` of the ``n_replayed`` are a resumed
+        fit's own evaluations."""
+        best = self.history.best()
+        if best is not None:
+            start = {key: float(value) for key, value in flatten_dict(best.parameters).items()}
+        if n_resumed == n_replayed:
             # resume=True alone: continuing from the best point is what was asked for.
             logger.info(
                 "%s %s, so the %d earlier evaluations are kept but not told: the fit continues "
@@ -815,16 +950,16 @@ class Fitter:
                 why_not,
                 n_resumed,
             )
-            return best
+            return start
         logger.warning(
             "%s %s, so the %d observations are counted but not told: the fit restarts from "
             "the best observed point. Use OnePlusOne, TwoPointsDE or NGOpt to let the "
             "optimizer learn from them.",
             optimizer_str,
             why_not,
-            len(replay),
+            n_replayed,
         )
-        return best
+        return start
 
     @staticmethod
     def _cannot_learn_from(optimizer: Any) -> str | None:
@@ -840,6 +975,75 @@ class Fitter:
                 "1.0 with cma 4)"
             )
         return None
+
+    # -- how good the fit is (chemfit.fitting.diagnostics) -------------------------------------
+
+    def contributions(self) -> Any:
+        """Each term's weight, loss, weighted loss and share at the best parameters (a DataFrame).
+
+        See :func:`chemfit.fitting.diagnostics.contributions.contributions`.
+
+        Examples
+        --------
+        >>> from chemfit.core.combined import CombinedObjectiveFunction
+        >>> fitter = Fitter(CombinedObjectiveFunction([lambda p: p["x"] ** 2]), {"x": 1.0})
+        >>> _ = fitter.fit_scipy()
+        >>> list(fitter.contributions().columns[:5])
+        ['name', 'weight', 'loss', 'weighted_loss', 'share']
+        """
+        from chemfit.fitting.diagnostics.contributions import contributions
+
+        return contributions(self)
+
+    def profile(
+        self,
+        parameters: str | Iterable[str] | None = None,
+        points: int = 21,
+        executor: Any = None,
+        **options: Any,
+    ) -> dict:
+        """The loss along each parameter through the best point: name -> DataFrame (value, loss).
+
+        All points are evaluated at once on ``executor``. See
+        :func:`chemfit.fitting.diagnostics.profile.profile` (``span=``, ``ranges=``). Kept in
+        ``result.diagnostics["profile"]``.
+        """
+        from chemfit.fitting.diagnostics.profile import profile
+
+        return profile(self, parameters, points, executor, **options)
+
+    def covariance(self, executor: Any = None, **options: Any) -> Any:
+        """The Laplace / Gauss-Newton covariance of the best parameters (a ``Covariance``).
+
+        The finite-difference Hessian's points are evaluated at once on ``executor``. See
+        :func:`chemfit.fitting.diagnostics.covariance.covariance` for the scaling convention
+        (``cov = 2 * sigma2 * inv(H)``) and ``sigma2=``, ``n_residuals=``, ``step=``. Kept in
+        ``result.diagnostics["covariance"]``.
+        """
+        from chemfit.fitting.diagnostics.covariance import covariance
+
+        return covariance(self, executor, **options)
+
+    def bootstrap(
+        self,
+        n: int,
+        executor: Any = None,
+        budget: int = 200,
+        seed: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Refit on ``n`` resamples of the terms, each refit a task on ``executor``.
+
+        Returns a ``BootstrapResult`` (``parameters``, ``std()``, ``corr()``,
+        ``interval(fn, level)``). See :func:`chemfit.fitting.diagnostics.bootstrap.bootstrap`
+        (``optimizer=``, ``path=`` to continue an interrupted bootstrap, ``progress=``,
+        ``resample="points"`` for terms that draw their own data points). The result is kept in
+        ``result.diagnostics["bootstrap"]``; an interrupted bootstrap started again continues
+        from it also without ``path=``.
+        """
+        from chemfit.fitting.diagnostics.bootstrap import bootstrap
+
+        return bootstrap(self, n, executor, budget, seed, **options)
 
     # -- scipy --------------------------------------------------------------------------------
 
@@ -912,15 +1116,18 @@ class Fitter:
         )
 
         def objective(x: Any) -> float:
-            if self._stop.is_set():
+            if session.stop_requested():
                 raise _StopRequested
-            params = nested_floats(zip(keys, x))
-            loss = session.evaluate_batch(self.objective_function, self.contexts, [params])[0]
-            session.flush(session.step, self.evaluation_callbacks)
+            try:
+                loss = session.evaluate_batch([nested_floats(zip(keys, x))], session.step)[0]
+            except Exception:
+                session.notify()  # what finished before the failure; an interrupt: _abort
+                raise
+            session.notify()
             return loss
 
         def on_iteration(*_: Any) -> None:
-            self._dispatch_step(session, session.step)
+            session.end_step(session.step)
 
         try:
             session.bar = progress_bar(progress, None, f"scipy {session.optimizer}")

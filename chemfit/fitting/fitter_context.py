@@ -1,8 +1,9 @@
 """The fitter's evaluation context and objective wrapper.
 
-:class:`FitterEvaluateContext` tracks the evaluation count and the best point seen, and carries
-them across workers (R1). :class:`FitterObjectiveFunctor` wraps an objective: it counts each
-evaluation, turns its return value into the loss to tell (R3, R4) and records the best (R7).
+:class:`FitterEvaluateContext` reports the evaluation count and the best point seen: in a fit
+they are read from the fit's history, elsewhere kept on the context and carried across workers
+(R1). :class:`FitterObjectiveFunctor` wraps an objective: it turns its return value into the
+loss to tell (R3, R4) and, outside a fit, counts the evaluation and records the best (R7).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ __all__ = [
     "OPT_FIELDS",
     "FitterEvaluateContext",
     "FitterObjectiveFunctor",
-    "best_context",
     "describe_bad_loss",
     "raw_float",
     "sanitise_loss",
@@ -35,8 +35,21 @@ logger = logging.getLogger(__name__)
 OPT_FIELDS = ("n_evals", "opt_loss", "opt_params", "opt_meta", "opt_quantities")
 
 
+class _Tracked:
+    """A tracking field of :class:`FitterEvaluateContext` (see ``_tracked``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, ctx: Any, owner: type | None = None) -> Any:
+        return self if ctx is None else ctx._tracked(self.name)
+
+    def __set__(self, ctx: Any, value: Any) -> None:
+        ctx._set_tracked(self.name, value)
+
+
 class FitterEvaluateContext(EvaluateContext):
-    """An evaluation context that also tracks the evaluation count and the best point seen.
+    """An evaluation context that also reports the evaluation count and the best point seen.
 
     Parameters
     ----------
@@ -56,8 +69,13 @@ class FitterEvaluateContext(EvaluateContext):
 
     Notes
     -----
-    The five tracking fields travel to workers (pickling) and back (result state, R1), and
-    :meth:`reset` keeps them.
+    A context of a fit (``fitter.contexts[i]``) reads these five fields from the fit's
+    :class:`~chemfit.fitting.results.FitHistory` (``fitter.history.count(i)`` and
+    ``fitter.history.best(i)``; ``contexts[0]`` also counts the initial observations): the
+    history is their one source, and they cannot be set. Outside a fit they are plain
+    attributes that :class:`FitterObjectiveFunctor` updates. Either way they travel to workers
+    (pickling) and :meth:`reset` keeps them; a context outside a fit also brings them back
+    (result state, R1).
 
     Examples
     --------
@@ -81,42 +99,114 @@ class FitterEvaluateContext(EvaluateContext):
         executor: ExecutorLike | None = None,
     ) -> None:
         super().__init__(config=config, shared=shared, executor=executor)
-        self.n_evals: int = 0
-        self.opt_loss: float | None = None
-        self.opt_params: dict | None = None
-        self.opt_meta: dict | None = None
-        self.opt_quantities: dict | None = None
+        self._own: dict[str, Any] = dict.fromkeys(OPT_FIELDS)
+        self._own["n_evals"] = 0
+        self._fit: tuple[Any, int] | None = None  # (FitHistory, worker index) in a fit
+        self._in_fit = False  # a fit's context or a worker's copy of one: the fit counts
+        self._best_extras: tuple[Any, Any, Any] | None = None  # (record, quantities, meta)
 
     def _clear_evaluation_state(self) -> None:
         super()._clear_evaluation_state()
         self.last_evaluation: dict | None = None
 
+    # -- the fit's view ---------------------------------------------------------------------
+
+    def _bind(self, history: Any, worker: int) -> None:
+        """Read the tracking fields from ``history`` (this context evaluates as ``worker``)."""
+        self._fit = (history, worker)
+        self._in_fit = True
+        self._best_extras = None
+
+    def _note_best(self, record: Any, quantities: Any, meta: Any) -> None:
+        """Keep what a record lacks of this context's new best: its quantities, and its meta
+        when records keep none (deep copies)."""
+        self._best_extras = (record, copy.deepcopy(quantities), copy.deepcopy(meta))
+
+    def _tracked(self, name: str) -> Any:
+        """A tracking field: derived from the fit's history, else the context's own value."""
+        if self._fit is None:
+            return self._own[name]
+        history, worker = self._fit
+        if name == "n_evals":
+            return history.count(worker)
+        record = history.best(worker)
+        if record is None:
+            return None
+        if name == "opt_loss":
+            return record.loss
+        if name == "opt_params":
+            return copy.deepcopy(record.parameters)
+        extras = self._best_extras if self._best_extras and self._best_extras[0] is record else None
+        if name == "opt_quantities":
+            return None if extras is None else copy.deepcopy(extras[1])
+        if record.meta is not None:
+            return copy.deepcopy(record.meta)
+        return None if extras is None or extras[2] is None else copy.deepcopy(extras[2])
+
+    def _set_tracked(self, name: str, value: Any) -> None:
+        if self._fit is not None:
+            raise AttributeError(
+                f"{name} of a fitter's context is derived from fitter.history and cannot be "
+                "set; read fitter.history (or use a FitterEvaluateContext outside a fit)"
+            )
+        self._own[name] = value
+
+    n_evals = _Tracked()
+    opt_loss = _Tracked()
+    opt_params = _Tracked()
+    opt_meta = _Tracked()
+    opt_quantities = _Tracked()
+
+    # -- travel -----------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict:
+        """The five tracking fields as values (no copies: pickling copies them)."""
+        if self._fit is None:
+            return dict(self._own)
+        history, worker = self._fit
+        record = history.best(worker)
+        return {
+            "n_evals": history.count(worker),
+            "opt_loss": None if record is None else record.loss,
+            "opt_params": None if record is None else record.parameters,
+            "opt_meta": None if record is None else record.meta,
+            "opt_quantities": None,
+        }
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for name in OPT_FIELDS:
-            state[name] = getattr(self, name)
+        state.update(self._snapshot())
+        if self._in_fit:
+            state["in_fit"] = True
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.n_evals = state.get("n_evals", 0)
-        for name in OPT_FIELDS[1:]:
-            setattr(self, name, state.get(name))
+        self._own = {name: state.get(name) for name in OPT_FIELDS}
+        self._own["n_evals"] = state.get("n_evals", 0)
+        self._fit = None
+        self._in_fit = bool(state.get("in_fit", False))
+        self._best_extras = None
 
     def to_result_state(self) -> dict:
-        """The base result state plus the five tracking fields and ``last_evaluation``."""
+        """The base result state plus ``last_evaluation``, and outside a fit the five tracking
+        fields (a fit counts its evaluations in its history)."""
         state = super().to_result_state()
-        for name in OPT_FIELDS:
-            state[name] = getattr(self, name)
+        if not self._in_fit:
+            state.update(self._own)
         state["last_evaluation"] = self.last_evaluation
         return state
 
     def apply_result_state(self, state: dict) -> None:
-        """Apply a worker's result state, including the tracking fields when present."""
+        """Apply a worker's result state, including the tracking fields when present (outside a
+        fit; a fit's context reads them from its history)."""
         super().apply_result_state(state)
-        for name in (*OPT_FIELDS, "last_evaluation"):
-            if name in state:
-                setattr(self, name, state[name])
+        if "last_evaluation" in state:
+            self.last_evaluation = state["last_evaluation"]
+        if self._fit is None:
+            for name in OPT_FIELDS:
+                if name in state:
+                    self._own[name] = state[name]
 
 
 def describe_bad_loss(value: Any) -> str | None:
@@ -179,7 +269,11 @@ def raw_float(value: Any) -> float | None:
 
 
 class FitterObjectiveFunctor(ObjectiveFunctor):
-    """Wraps an objective for the fitter: counts evaluations, sanitises losses, tracks the best.
+    """Wraps an objective for the fitter: sanitises losses, counts evaluations, tracks the best.
+
+    In a fit (a context of ``fitter.contexts``, or a worker's copy of one) the fit's history
+    counts and keeps the best, so the functor only sanitises the loss and notes
+    ``ctx.last_evaluation``; with any other context it also updates ``n_evals`` and ``opt_*``.
 
     Parameters
     ----------
@@ -253,7 +347,6 @@ class FitterObjectiveFunctor(ObjectiveFunctor):
         return self._post_process(parameters, value, ctx, None)
 
     def _post_process(self, parameters: dict, value: Any, ctx: Any, error: str | None) -> float:
-        ctx.n_evals = getattr(ctx, "n_evals", 0) + 1
         if error is not None:
             loss, penalised = float(self.value_bad_params), True
         else:
@@ -263,6 +356,9 @@ class FitterObjectiveFunctor(ObjectiveFunctor):
             "penalised": penalised,
             "error": error,
         }
+        if getattr(ctx, "_in_fit", False):
+            return loss  # the fit records it: fitter.history counts and keeps the best
+        ctx.n_evals = getattr(ctx, "n_evals", 0) + 1
         best = getattr(ctx, "opt_loss", None)
         if not penalised and (best is None or loss < best):
             # opt_loss last: a callback reading another thread's context sees a consistent best.
@@ -271,22 +367,6 @@ class FitterObjectiveFunctor(ObjectiveFunctor):
             ctx.opt_quantities = copy.deepcopy(ctx.quantities)
             ctx.opt_loss = loss
         return loss
-
-
-def best_context(contexts: Iterable[Any]) -> Any:
-    """The context with the lowest ``opt_loss``, or ``None`` when none has one.
-
-    Examples
-    --------
-    >>> a, b = FitterEvaluateContext(), FitterEvaluateContext()
-    >>> best_context([a, b]) is None
-    True
-    >>> a.opt_loss, b.opt_loss = 2.0, 1.0
-    >>> best_context([a, b]) is b
-    True
-    """
-    evaluated = [c for c in contexts if getattr(c, "opt_loss", None) is not None]
-    return min(evaluated, key=lambda c: c.opt_loss) if evaluated else None
 
 
 def worker_contexts(

@@ -34,7 +34,7 @@ from chemfit.execution.mpi_engines import MPIEngineJob, RecordCallback
 from chemfit.fitting.fitter import Fitter
 from chemfit.fitting.results import EvaluationRecord, FitHistory, FitResult
 
-__all__ = ["FitDriver", "MPIEngineFit", "fit_result_from_dict", "run_fit_on_mpi_engines"]
+__all__ = ["FitDriver", "MPIEngineFit", "run_fit_on_mpi_engines"]
 
 StreamMeta = Literal["summary", "full", "none"]
 _METHODS = ("nevergrad", "scipy")
@@ -159,42 +159,6 @@ class FitDriver:
         return fitter.result.to_dict()  # type: ignore[union-attr]
 
 
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)  # float() also reads "nan" and "inf"
-
-
-def fit_result_from_dict(data: Mapping[str, Any]) -> FitResult:
-    """Rebuild a :class:`FitResult` from :meth:`FitResult.to_dict` output.
-
-    Examples
-    --------
-    >>> result = FitResult({"a": 1.0}, {"a": 1.0}, float("inf"), {}, n_evals=2)
-    >>> again = fit_result_from_dict(result.to_dict())
-    >>> again.best_loss, again.n_evals, again.parameters
-    (inf, 2, {'a': 1.0})
-    """
-    history = FitHistory(EvaluationRecord.from_dict(record) for record in data["history"])
-    return FitResult(
-        parameters=data["parameters"],
-        best_parameters=data["best_parameters"],
-        best_loss=float(data["best_loss"]),
-        best_meta=data["best_meta"],
-        n_evals=int(data["n_evals"]),
-        n_observations=int(data["n_observations"]),
-        wall_time=float(data["wall_time"]),
-        history=history,
-        backend=data["backend"],
-        optimizer=data["optimizer"],
-        mode=data["mode"],
-        seed=data["seed"],
-        converged=data["converged"],
-        interrupted=bool(data["interrupted"]),
-        error=data["error"],
-        problematic_params=[tuple(p) for p in data["problematic_params"]],
-        stopped=bool(data.get("stopped", False)),
-    )
-
-
 class MPIEngineFit(MPIEngineJob):
     """Run a fit on ipyparallel MPI engines and stream its evaluations back.
 
@@ -289,7 +253,7 @@ class MPIEngineFit(MPIEngineJob):
     def wait(self, timeout: float | None = None) -> FitResult:
         """Wait for the fit and return its :class:`FitResult` (see ``MPIEngineJob.wait``)."""
         self.result_dict = super().wait(timeout)
-        return fit_result_from_dict(self.result_dict)
+        return FitResult.from_dict(self.result_dict)
 
     result = wait
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from chemfit.core.flatdict import flatten_dict, unflatten_dict
 from chemfit.fitting.fitter_context import describe_bad_loss
+from chemfit.fitting.observations import parameter_mismatch
 
 __all__ = [
     "FlatBounds",
@@ -235,13 +236,16 @@ def usable_observations(
 ) -> list[tuple[dict[str, float], Any]]:
     """The ``(flat values, loss)`` of the observations that fit the parameter space.
 
-    Observations with other parameters, non-finite values or values out of bounds are skipped
-    with a WARNING.
+    Observations with non-finite values or values out of bounds are skipped with a WARNING.
+    Observations made for other parameters (a history of another fit) raise one error naming
+    the missing and extra names; ``load_observations(path, parameters=...,
+    on_mismatch="common")`` keeps their common parameters instead.
 
     Raises
     ------
     ValueError
-        An observation is not a ``(parameters, loss)`` pair.
+        An observation is not a ``(parameters, loss)`` pair, or observations have other
+        parameters than ``flat``.
     TypeError
         Its parameters are not a dict.
 
@@ -249,8 +253,14 @@ def usable_observations(
     --------
     >>> usable_observations([({"x": 0.5}, 1.0), ({"x": 9.0}, 0.0)], {"x": 0.0}, {"x": (0, 1)})
     [({'x': 0.5}, 1.0)]
+    >>> usable_observations([({"y": 0.5}, 1.0)], {"x": 0.0}, {})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: initial_observations: 1 of 1 observations were made for other parameters than \
+the fitted ones ['x']: missing ['x'] (fitted now, not in the observations), extra ['y'] (in \
+the observations, not fitted now). To keep the common parameters, load them with ...
     """
-    usable = []
+    pairs = []
     for number, item in enumerate(observations):
         try:
             params, loss = item
@@ -264,15 +274,20 @@ def usable_observations(
                 f"initial_observations[{number}] parameters must be a dict, got "
                 f"{type(params).__name__}"
             )
-        obs_flat = flatten_dict(params)
-        if set(obs_flat) != set(flat):
-            logger.warning(
-                "skipping initial observation %d: its parameters %s differ from the fitted ones %s",
-                number,
-                sorted(obs_flat),
-                sorted(flat),
-            )
-            continue
+        pairs.append((flatten_dict(params), loss))
+    source = getattr(observations, "path", None)
+    mismatch = parameter_mismatch(
+        (obs_flat for obs_flat, _ in pairs),
+        flat,
+        "initial_observations" if source is None else f"initial_observations from {source}",
+        "To keep the common parameters, load them with load_observations(path, "
+        "parameters=fitter.initial_parameters, on_mismatch='common'); or resume from a "
+        "history of this fit.",
+    )
+    if mismatch is not None:
+        raise ValueError(mismatch)
+    usable = []
+    for number, (obs_flat, loss) in enumerate(pairs):
         if not all(is_real(v) and math.isfinite(v) for v in obs_flat.values()):
             logger.warning(
                 "skipping initial observation %d: non-numeric or non-finite parameter values %s",
