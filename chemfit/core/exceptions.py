@@ -7,6 +7,7 @@ raised the builtins, keeps catching them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ExternalProgramError",
     "FitInterrupted",
     "NotPicklableError",
+    "RankTimeoutError",
     "RemoteEvaluationError",
     "UnknownOptimizerError",
     "WorkerLostError",
@@ -51,6 +53,54 @@ class WorkerLostError(RuntimeError):
         super().__init__(message)
         self.index = index
         self.parameters = parameters
+
+
+class RankTimeoutError(WorkerLostError, TimeoutError):
+    """Worker ranks of an :class:`MPIWrapperCOB` did not answer within its ``timeout``.
+
+    A :class:`WorkerLostError` (and a ``TimeoutError``). The wrapper aborts every rank once
+    this error has propagated (see :class:`~chemfit.execution.mpi_wrapper_cob.MPIWrapperCOB`).
+    Defined here, not beside the wrapper, so that a notebook receiving it from MPI engines
+    does not import mpi4py to unpickle it.
+
+    Attributes
+    ----------
+    ranks : dict[int, tuple[int, int]]
+        Each rank that did not answer and the terms ``(start, end)`` (``end`` exclusive) it was
+        evaluating.
+    timeout : float
+        The wrapper's timeout in seconds.
+    parameters : dict
+        The parameters of the call.
+
+    Examples
+    --------
+    >>> error = RankTimeoutError("rank 1 did not answer", ranks={1: (3, 6)}, timeout=5.0)
+    >>> isinstance(error, TimeoutError), error.ranks
+    (True, {1: (3, 6)})
+    >>> import pickle
+    >>> pickle.loads(pickle.dumps(error)).ranks  # it travels from an engine as itself
+    {1: (3, 6)}
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        ranks: dict[int, tuple[int, int]],
+        timeout: float,
+        parameters: Any = None,
+    ) -> None:
+        super().__init__(message, parameters=parameters)
+        self.ranks = dict(ranks)
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple:
+        # BaseException pickles as cls(*args), which would lose the keyword-only attributes.
+        rebuild = functools.partial(
+            type(self), ranks=self.ranks, timeout=self.timeout, parameters=self.parameters
+        )
+        return rebuild, self.args
 
 
 class RemoteEvaluationError(RuntimeError):

@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_text",
     "check_params_near_bounds",
     "check_protocol",
+    "check_timeout",
     "dump_dict_to_file",
     "next_free_folder",
 ]
@@ -108,6 +109,29 @@ def check_protocol(obj: Any | None, prot: type) -> None:
             f"{obj!r} ({type(obj).__name__}) does not implement the {name} protocol; "
             f"pass an object that provides the methods of {name}"
         )
+
+
+def check_timeout(timeout: Any, name: str = "timeout") -> float | None:
+    """``timeout`` as a float, or ``None``; anything but a positive finite number is an error.
+
+    Examples
+    --------
+    >>> check_timeout(None), check_timeout(5)
+    (None, 5.0)
+    >>> check_timeout(0, "rank_timeout")
+    Traceback (most recent call last):
+    ...
+    ValueError: rank_timeout must be a positive number of seconds or None, got 0
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds or None, got {type(timeout).__name__}: {timeout!r}"
+        )
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"{name} must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
 
 
 def next_free_folder(base: str | os.PathLike) -> Path:

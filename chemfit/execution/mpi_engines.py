@@ -33,6 +33,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from chemfit.core.exceptions import WorkerLostError
+from chemfit.core.utils import check_timeout
 from chemfit.execution.context_tasks import PickledCallable
 from chemfit.execution.executor_info import ExecutorInfo
 from chemfit.execution.ipyparallel_engine import (
@@ -41,6 +42,7 @@ from chemfit.execution.ipyparallel_engine import (
     translate_engine_error,
 )
 from chemfit.execution.ipyparallel_executor import IPyParallelExecutor
+from chemfit.execution.task_errors import RemoteFailure
 
 __all__ = ["MPIEngineJob", "RecordPublisher"]
 
@@ -50,6 +52,10 @@ RecordCallback = Callable[[dict], Any]
 Driver = Callable[[Any, Callable[[dict], None]], Any]
 
 _TOPIC = "chemfit-record-"
+#: The key of the error rank 0 publishes before ``MPI_Abort`` ends every engine of the job.
+_FAILURE_KEY = "chemfit-failure"
+#: Seconds for published data to leave an engine (its IO thread sends it) before it ends.
+_PUBLISH_GRACE = 0.5
 
 
 class RecordPublisher:
@@ -99,8 +105,19 @@ class RecordPublisher:
         else:
             logger.debug("record %s (not on an ipyparallel engine): %r", key, record)
 
+    def last_words(self, error: BaseException) -> None:
+        """Publish the error that ends this engine (the notebook raises it), and let it leave."""
+        if self._resolve():
+            self._publish_data({_FAILURE_KEY: RemoteFailure.capture(error)})  # type: ignore[misc]
+            time.sleep(_PUBLISH_GRACE)
 
-def _run_on_rank(build_objective: Callable[[], Any], driver: Driver, mpi_debug_log: bool) -> dict:
+
+def _run_on_rank(
+    build_objective: Callable[[], Any],
+    driver: Driver,
+    mpi_debug_log: bool,
+    rank_timeout: float | None = None,
+) -> dict:
     """The task every engine runs (engine side)."""
     from mpi4py import MPI
 
@@ -120,9 +137,14 @@ def _run_on_rank(build_objective: Callable[[], Any], driver: Driver, mpi_debug_l
         raise failure
     if failed:
         return {"rank": rank, "status": "peer_failed", "failed_ranks": failed, "value": None}
-    with MPIWrapperCOB(objective, mpi_debug_log=mpi_debug_log) as wrapper:
+    with MPIWrapperCOB(objective, mpi_debug_log=mpi_debug_log, timeout=rank_timeout) as wrapper:
         if rank == 0:
-            value = driver(wrapper, RecordPublisher())
+            publish = RecordPublisher()
+            try:
+                value = driver(wrapper, publish)
+            finally:
+                if wrapper.broken is not None:  # leaving the block ends every engine
+                    publish.last_words(wrapper.broken)
             return {"rank": 0, "status": "ok", "value": value}
         wrapper.worker_loop()
     return {"rank": rank, "status": "ok", "value": None}
@@ -162,6 +184,13 @@ class MPIEngineJob:
         Seconds between polls of the background thread and of :meth:`wait`.
     timeout : float
         Seconds to wait for the engines to start or connect.
+    rank_timeout : float, optional
+        Seconds rank 0 waits for another rank's answer to one call (``MPIWrapperCOB``'s
+        ``timeout``); default: for ever. A rank that does not answer in time (hanging, or
+        computing for longer) ends the job: every engine of the MPI world is aborted, and
+        :meth:`wait` raises :class:`~chemfit.execution.mpi_wrapper_cob.RankTimeoutError` naming
+        the rank and its terms, with the records received so far kept. Restart the engines
+        to go on.
     mpi_debug_log : bool
         Passed on to ``MPIWrapperCOB``.
 
@@ -214,6 +243,7 @@ class MPIEngineJob:
         background: bool = True,
         poll_interval: float = 0.1,
         timeout: float = 60,
+        rank_timeout: float | None = None,
         mpi_debug_log: bool = False,
     ) -> None:
         if not callable(build_objective):
@@ -254,7 +284,9 @@ class MPIEngineJob:
         self.background = bool(background)
         self.poll_interval = float(poll_interval)
         self.timeout = timeout
+        self.rank_timeout = check_timeout(rank_timeout, "rank_timeout")
         self.mpi_debug_log = mpi_debug_log
+        self._last_words: RemoteFailure | None = None
         self.records: list[dict] = []
         self.state = "created"
         self._lock = threading.RLock()
@@ -336,7 +368,7 @@ class MPIEngineJob:
         # Rank 0 last: the others are then already waiting for it in the collectives.
         for eid in sorted(self._ranks, key=lambda e: -self._ranks[e]):
             self._async_results[eid] = client[eid].apply_async(
-                task, build, driver, self.mpi_debug_log
+                task, build, driver, self.mpi_debug_log, self.rank_timeout
             )
         logger.info(
             "MPI engine job submitted to %d engines (rank 0 = engine %s)",
@@ -397,6 +429,8 @@ class MPIEngineJob:
             data = ar.metadata["data"]
         except (AttributeError, IndexError, KeyError, TypeError):
             return []
+        if _FAILURE_KEY in data:
+            self._last_words = data.pop(_FAILURE_KEY)
         new = []
         while True:
             key = f"{_TOPIC}{len(self.records) + len(new):09d}"
@@ -415,7 +449,10 @@ class MPIEngineJob:
             for eid in sorted(outcomes, key=lambda e: self._ranks[e])
             if outcomes[eid][0] == "error"
         ]
-        if failures:
+        if self._last_words is not None:  # rank 0 said why before every engine was aborted
+            where = f"MPI rank 0 (ipyparallel engine {self._root_engine})"
+            self._outcome = ("error", self._last_words.to_exception(where, rank=0))
+        elif failures:
             # The lowest failing rank is the cause; rank 0 may only report a peer's failure.
             self._outcome = failures[0]
         elif root[0] == "ok" and root[1].get("status") == "peer_failed":  # pragma: no cover

@@ -43,7 +43,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import math
 import os
 import pickle
 import sys
@@ -56,8 +55,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from chemfit.core.combined import CombinedObjectiveFunction
 from chemfit.core.context import EvaluateContext
-from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError, WorkerLostError
+from chemfit.core.exceptions import (
+    NotPicklableError,
+    RankTimeoutError,
+    RemoteEvaluationError,
+)
 from chemfit.core.objectives import ObjectiveFunctor, ensure_context
+from chemfit.core.utils import check_timeout
 from chemfit.execution.task_errors import RemoteFailure
 
 if TYPE_CHECKING:
@@ -260,66 +264,6 @@ def _poll_until(test: Callable[[], T | None], policy: _WaitPolicy, deadline: flo
             _yield()
 
 
-class RankTimeoutError(WorkerLostError, TimeoutError):
-    """Worker ranks of an :class:`MPIWrapperCOB` did not answer within its ``timeout``.
-
-    A :class:`~chemfit.exceptions.WorkerLostError` (and a ``TimeoutError``). The wrapper aborts
-    every rank once this error has propagated (see :class:`MPIWrapperCOB`).
-
-    Attributes
-    ----------
-    ranks : dict[int, tuple[int, int]]
-        Each rank that did not answer and the terms ``(start, end)`` (``end`` exclusive) it was
-        evaluating.
-    timeout : float
-        The wrapper's timeout in seconds.
-    parameters : dict
-        The parameters of the call.
-
-    Examples
-    --------
-    >>> error = RankTimeoutError("rank 1 did not answer", ranks={1: (3, 6)}, timeout=5.0)
-    >>> isinstance(error, TimeoutError), error.ranks
-    (True, {1: (3, 6)})
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        ranks: dict[int, tuple[int, int]],
-        timeout: float,
-        parameters: Any = None,
-    ) -> None:
-        super().__init__(message, parameters=parameters)
-        self.ranks = dict(ranks)
-        self.timeout = timeout
-
-
-def _check_timeout(timeout: Any) -> float | None:
-    """``timeout`` as a float, or ``None``; anything but a positive finite number is an error.
-
-    Examples
-    --------
-    >>> _check_timeout(None), _check_timeout(5)
-    (None, 5.0)
-    >>> _check_timeout(0)
-    Traceback (most recent call last):
-    ...
-    ValueError: timeout must be a positive number of seconds or None, got 0
-    """
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(
-            f"timeout must be a number of seconds or None, got {type(timeout).__name__}: "
-            f"{timeout!r}"
-        )
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    return float(timeout)
-
-
 def _flush_output() -> None:
     """Flush stdout, stderr and every logging handler (before ``MPI_Abort`` ends us)."""
     for stream in (sys.stdout, sys.stderr):
@@ -479,7 +423,7 @@ class MPIWrapperCOB(ObjectiveFunctor):
         *,
         timeout: float | None = None,
     ) -> None:
-        self.timeout = _check_timeout(timeout)
+        self.timeout = check_timeout(timeout)
         self.cob = cob
         self._owns_comm = comm is None
         self.comm = MPI.COMM_WORLD.Dup() if comm is None else comm
@@ -849,6 +793,11 @@ class MPIWrapperCOB(ObjectiveFunctor):
         self._closed = True
         if self._owns_comm and self.comm is not None and not MPI.Is_finalized():
             self.comm.Free()
+
+    @property
+    def broken(self) -> RankTimeoutError | None:
+        """The :class:`RankTimeoutError` that ends this MPI world, or ``None`` (rank 0)."""
+        return self._broken
 
     def __enter__(self) -> Self:
         return self

@@ -181,8 +181,12 @@ class MPIEngineFit(MPIEngineJob):
     on_record : callable or list of callables, optional
         ``on_record(record_dict)`` for every evaluation, in tell order. The dict is
         ``EvaluationRecord.to_dict()`` with the meta as chosen by ``stream_meta``.
-    executor, profile, cluster_id, profile_dir, background, poll_interval, timeout, mpi_debug_log
+    executor, profile, cluster_id, profile_dir, background, poll_interval
         As for :class:`~chemfit.execution.mpi_engines.MPIEngineJob`.
+    timeout, rank_timeout, mpi_debug_log
+        As for :class:`~chemfit.execution.mpi_engines.MPIEngineJob`; with ``rank_timeout`` a
+        rank that does not answer ends the fit with ``RankTimeoutError``; the records streamed
+        so far stay in :attr:`records`.
 
     Attributes
     ----------
@@ -223,6 +227,7 @@ class MPIEngineFit(MPIEngineJob):
         background: bool = True,
         poll_interval: float = 0.1,
         timeout: float = 60,
+        rank_timeout: float | None = None,
         mpi_debug_log: bool = False,
     ) -> None:
         driver = FitDriver(
@@ -246,6 +251,7 @@ class MPIEngineFit(MPIEngineJob):
             background=background,
             poll_interval=poll_interval,
             timeout=timeout,
+            rank_timeout=rank_timeout,
             mpi_debug_log=mpi_debug_log,
         )
         self.result_dict: dict | None = None

@@ -26,6 +26,7 @@ pytest.importorskip("mpi4py")
 from chemfit.core.context import EvaluateContext  # noqa: E402
 from chemfit.core.exceptions import (  # noqa: E402
     NotPicklableError,
+    RankTimeoutError,
     RemoteEvaluationError,
     WorkerLostError,
 )
@@ -187,6 +188,8 @@ def test_bad_arguments_fail_before_starting_anything():
         MPIEngineFit(h.build_cob, {"x": 0.0}, fit_kwargs={"budget": 5, "executor": None})
     with pytest.raises(ValueError, match="x"):  # initial value outside its bounds
         MPIEngineFit(h.build_cob, {"x": 9.0}, {"x": (0.0, 1.0)}, fit_kwargs={"budget": 5})
+    with pytest.raises(ValueError, match="rank_timeout must be a positive number of seconds"):
+        MPIEngineFit(h.build_cob, {"x": 0.0}, fit_kwargs={"budget": 5}, rank_timeout=0)
 
 
 # -- a local cluster ----------------------------------------------------------------------------
@@ -509,6 +512,31 @@ def test_stopping_a_job_stops_the_cluster_it_started():
     assert job.records[:3] == received[:3]
     with pytest.raises(CancelledError):
         job.wait(timeout=1)
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_that_does_not_answer_ends_the_job_with_its_rank_timeout_error():
+    before = set(cluster_processes())
+    job = MPIEngineJob(
+        h.build_hangs_on_rank_1, h.driver_evaluate_three, n_engines=2, rank_timeout=3
+    )
+    processes = {}
+    try:
+        job.start()
+        processes = {p: a for p, a in cluster_processes().items() if p not in before}
+        t0 = time.monotonic()
+        with pytest.raises(RankTimeoutError, match=r"rank 1 \(terms 2\.\.3") as info:
+            job.wait(timeout=90)
+        waited = time.monotonic() - t0
+    finally:
+        job.stop()
+    assert waited < 30, f"the job ended {waited:.0f} s after a 3 s rank timeout"
+    assert info.value.ranks == {1: (2, 4)} and info.value.timeout == 3.0
+    assert isinstance(info.value.__cause__, RemoteEvaluationError)
+    assert "MPI rank 0" in str(info.value.__cause__)
+    assert [r["x"] for r in job.records] == [0.0], "the record before the hang was lost"
+    assert job.state == "failed"
+    assert still_running(processes, wait=10) == {}, "engines or mpiexec left after stop()"
 
 
 # -- last: this kills the MPI world of mpi_cluster -------------------------------------------------

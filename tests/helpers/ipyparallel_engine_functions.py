@@ -115,3 +115,16 @@ def driver_dies(objective, publish) -> None:
         publish({"step": step, "loss": objective({"x": float(step)})})
     time.sleep(0.5)  # let the records leave before the process ends
     os._exit(5)
+
+
+class HangsOnRank1(RankTerm):
+    """A :class:`RankTerm` that never answers on rank 1 for ``x >= 1`` (a hung simulator)."""
+
+    def __call__(self, parameters: dict, ctx: EvaluateContext | None = None) -> float:
+        if parameters["x"] >= 1.0 and _mpi_rank() == 1:
+            time.sleep(600)
+        return super().__call__(parameters, ctx)
+
+
+def build_hangs_on_rank_1() -> CombinedObjectiveFunction:
+    return CombinedObjectiveFunction([HangsOnRank1(t) for t in (0.5, 1.0, 1.5, 2.0)])

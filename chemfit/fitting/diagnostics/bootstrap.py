@@ -426,6 +426,14 @@ def _check_header(path: Path, header: dict, expected: dict, seed_given: bool) ->
                 header.get(key),
                 expected[key],
             )
+    if "best" in header and header["best"] != expected["best"]:
+        logger.warning(
+            "%s: the earlier refits started from the best point %s, the new ones start from %s "
+            "(the fit has moved on since); pass another path= to refit all from the new point",
+            path,
+            header["best"],
+            expected["best"],
+        )
 
 
 # -- bootstrap() --------------------------------------------------------------------------------
@@ -471,10 +479,11 @@ def bootstrap(
         continuing: the earlier one's).
     optimizer : str
         A ``scipy.optimize.minimize`` method (default Nelder-Mead, robust and local: refits
-        start from the best point) or a nevergrad optimizer name.
+        start from the best point) or a nevergrad optimizer name, seeded by ``seed``.
     path : str or PathLike, optional
         A JSON-lines file of finished refits: each is appended as it finishes, and a
-        bootstrap started again with the same file continues after the ones it holds.
+        bootstrap started again with the same file continues after the ones it holds (with
+        a warning when the fit's best point has moved since the file was begun).
     progress : bool, optional
         A progress bar of refits (as for ``fit_nevergrad``).
     resample : {"terms", "points"}
@@ -489,8 +498,8 @@ def bootstrap(
         ``parameters`` (a DataFrame, one row per resample), ``std()``, ``corr()`` and
         ``interval(fn, level)``. It is also kept as ``fitter.result.diagnostics["bootstrap"]``,
         with the finished refits of an interrupted bootstrap: without ``path``, a bootstrap
-        started again with the same settings (``seed`` left out or the same) continues from
-        them. A finished bootstrap is replaced by the next one.
+        started again with the same settings (``seed`` left out or the same) and the same
+        best point continues from them. A finished bootstrap is replaced by the next one.
 
     Examples
     --------
@@ -639,11 +648,12 @@ def _unfinished(
         and all(len(c) == n_terms for c in held.counts)
         and (seed is None or seed == held.seed)
         and (held.budget, held.optimizer, held.resample) == (budget, optimizer, resample)
+        and held.best.tolist() == point.vector().tolist()
     )
     if not same:
         logger.info(
-            "bootstrap: fitter.result holds an unfinished bootstrap with other settings; "
-            "starting a new one"
+            "bootstrap: fitter.result holds an unfinished bootstrap with other settings or "
+            "from another best point; starting a new one"
         )
         return None
     return held

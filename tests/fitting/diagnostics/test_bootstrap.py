@@ -73,6 +73,30 @@ def test_an_interrupted_bootstrap_continues_from_its_file(tmp_path, executors):
 
 
 @pytest.mark.timeout(60)
+def test_a_bootstrap_continued_after_the_fit_moved_on_says_so(tmp_path, caplog):
+    path = tmp_path / "boot.jsonl"
+    linear_problem(n=10, seed=2).fitted().bootstrap(2, budget=40, seed=5, path=path)
+    moved = linear_problem(n=10, seed=3).fitted()  # same parameters and terms, other best point
+    with caplog.at_level("WARNING", logger="chemfit"):
+        continued = moved.bootstrap(3, budget=40, path=path)
+    assert len(continued) == 3
+    assert "the earlier refits started from the best point" in caplog.text
+    assert "pass another path=" in caplog.text
+    # An interrupted bootstrap held by fitter.result is continued only from the same point.
+    best = continued.best.tolist()
+    held = BootstrapResult.from_records(
+        ["a", "b"], [best[0] + 1.0, best[1]], seed=5, budget=40, optimizer="Nelder-Mead",
+        records=[{"resample": 0, "counts": [1] * 10, "parameters": [9.0, 9.0], "loss": 0.0}],
+        requested=3,
+    )  # fmt: skip
+    moved.result.diagnostics["bootstrap"] = held
+    again = moved.bootstrap(3, budget=40, seed=5)
+    assert again.parameters.loc[0].tolist() != [9.0, 9.0]
+    fresh = moved.bootstrap(3, budget=40, seed=5)
+    np.testing.assert_allclose(again.parameters, fresh.parameters)
+
+
+@pytest.mark.timeout(60)
 def test_result_is_json_serialisable():
     fitter = linear_problem(n=8).fitted()
     result = fitter.bootstrap(3, budget=30, seed=0)
