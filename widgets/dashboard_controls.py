@@ -16,11 +16,24 @@ __all__ = ["CONTROL_CLASSES", "OPTIMIZERS", "Controls"]
 
 OPTIMIZERS = ["NgIohTuned", "NGOpt", "OnePlusOne", "CMA", "TwoPointsDE", "DE", "PSO"]
 _LOCKED_TIP = "Locked while the fit runs: click Stop to change it"
+#: The settings' tooltips while they can be changed.
+_TIPS = {
+    "budget_input": "Evaluations of the whole fit: Continue runs the rest",
+    "retries_input": "How often an evaluation whose worker died (or that timed out) is "
+    "submitted again",
+    "on_error_input": "When the objective raises: stop the fit, or record the evaluation as "
+    "failed (the optimizer is told a bad loss) and go on",
+    "timeout_input": "Seconds before an evaluation is abandoned (its process killed where "
+    "the executor allows) and counted as lost; 0: no limit",
+}
 #: Attribute -> CSS class (the browser test and the page's styles find the controls by it).
 CONTROL_CLASSES = {
     "budget_input": "chemfit-budget",
     "optimizer_input": "chemfit-optimizer",
     "mode_input": "chemfit-mode",
+    "retries_input": "chemfit-retries",
+    "on_error_input": "chemfit-on-error",
+    "timeout_input": "chemfit-timeout",
     "plan_label": "chemfit-plan",
     "start_button": "chemfit-start",
     "new_button": "chemfit-new-fit",
@@ -32,6 +45,16 @@ CONTROL_CLASSES = {
     "status": "chemfit-status",
     "log_view": "chemfit-log",
 }
+
+
+_SETTINGS = (
+    "budget_input",
+    "optimizer_input",
+    "mode_input",
+    "retries_input",
+    "on_error_input",
+    "timeout_input",
+)
 
 
 def _row(children: list) -> Any:
@@ -72,6 +95,18 @@ class Controls:
             options=[("batch", "batch"), ("async", "async")], description="Mode", style=style,
             layout=w.Layout(width="170px"),
         )  # fmt: skip
+        #: When evaluations fail (fit_nevergrad's retries, on_error, evaluation_timeout).
+        self.retries_input = w.BoundedIntText(
+            min=0, max=1000, description="Retries", style=style, layout=w.Layout(width="150px"),
+        )  # fmt: skip
+        self.on_error_input = w.Dropdown(
+            options=[("stop the fit", "raise"), ("record, go on", "record")],
+            description="On error", style=style, layout=w.Layout(width="230px"),
+        )  # fmt: skip
+        self.timeout_input = w.BoundedFloatText(
+            min=0, max=1e7, step=1, description="Eval timeout (s)",
+            style={"description_width": "110px"}, layout=w.Layout(width="220px"),
+        )  # fmt: skip
         #: What Start will do (continue, and how far) and what New fit does.
         self.plan_label = w.HTML()
         self.start_button = w.Button(
@@ -95,9 +130,9 @@ class Controls:
             getattr(self, name).add_class(css_class)
 
     @property
-    def settings(self) -> tuple[Any, Any, Any]:
-        """The controls of the settings: budget, optimizer, mode."""
-        return self.budget_input, self.optimizer_input, self.mode_input
+    def settings(self) -> tuple[Any, ...]:
+        """The controls of the settings: budget, optimizer, mode, retries, on error, timeout."""
+        return tuple(getattr(self, name) for name in _SETTINGS)
 
     def rows(self, header: Any, picker: Any, plot: Any, below: Any = None) -> list:
         """The dashboard's rows: header, picker, settings, buttons and progress, plot and table,
@@ -111,7 +146,8 @@ class Controls:
         return [
             header,
             picker,
-            _row([*self.settings, self.plan_label]),
+            _row([*self.settings[:3], self.plan_label]),
+            _row(list(self.settings[3:])),
             _row(
                 [
                     self.start_button,
@@ -131,11 +167,9 @@ class Controls:
         self.new_button.disabled = active or not can_continue
         self.stop_button.disabled = not active or stopping
         self.stop_button.tooltip = None if active else "No fit is running"
-        for control in self.settings:
+        for name, control in zip(_SETTINGS, self.settings):
             control.disabled = active
-            control.tooltip = _LOCKED_TIP if active else None
-        if not active:
-            self.budget_input.tooltip = "Evaluations of the whole fit: Continue runs the rest"
+            control.tooltip = _LOCKED_TIP if active else _TIPS.get(name)
         self.new_button.tooltip = (
             _LOCKED_TIP
             if active

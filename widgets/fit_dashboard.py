@@ -108,8 +108,18 @@ class FitDashboard(widgets.VBox):
         The live plot; by default a new one with ``plot_options``.
     plot_options : dict, optional
         Keyword arguments for the default :class:`LivePlot`.
+    retries : int
+        Times a lost evaluation (its worker died, or it outlasted ``evaluation_timeout``) is
+        submitted again (editable; ``fit_nevergrad(retries=)``).
+    on_error : {"raise", "record"}
+        When the objective raises: stop the fit, or record the evaluation as failed and go on
+        (editable; shown as "stop the fit" / "record, go on").
+    evaluation_timeout : float, optional
+        Seconds before an evaluation is abandoned and counted as lost (editable; ``None`` or
+        0: no limit).
     fit_options : dict, optional
-        More keyword arguments for ``fit_nevergrad`` (e.g. ``seed``).
+        More keyword arguments for ``fit_nevergrad`` (e.g. ``seed``). ``retries``,
+        ``on_error`` and ``evaluation_timeout`` given here set the fields above.
     ui_interval : float
         Seconds between updates of the progress bar, best loss and table.
 
@@ -120,8 +130,8 @@ class FitDashboard(widgets.VBox):
         ``"stopped"`` or ``"error"`` (a traitlet: ``dash.observe(handler, names="state")``).
     message : str
         The status line in plain words (a traitlet).
-    budget, optimizer, mode
-        The settings, as traitlets linked to the controls.
+    budget, optimizer, mode, retries, on_error, evaluation_timeout
+        The settings, as traitlets linked to the controls (``evaluation_timeout`` 0: none).
     can_continue : bool
         Whether Start continues the dashboard's fit (a traitlet; the button then reads
         Continue). False before the first evaluation, and when ``fitter.result`` was replaced
@@ -162,6 +172,9 @@ class FitDashboard(widgets.VBox):
     budget = traitlets.Int(200)
     optimizer = traitlets.Unicode("NgIohTuned")
     mode = traitlets.Unicode("batch")
+    retries = traitlets.Int(0, min=0)
+    on_error = traitlets.Unicode("raise")
+    evaluation_timeout = traitlets.Float(0.0, min=0.0)
     can_continue = traitlets.Bool(False)
     _initialised = False
     _setting_state = False
@@ -178,6 +191,9 @@ class FitDashboard(widgets.VBox):
         workers: int = 2,
         plot: LivePlot | None = None,
         plot_options: dict | None = None,
+        retries: int = 0,
+        on_error: str = "raise",
+        evaluation_timeout: float | None = None,
         fit_options: dict | None = None,
         ui_interval: float = 0.25,
         **box_kwargs: Any,
@@ -205,6 +221,11 @@ class FitDashboard(widgets.VBox):
         super().__init__(children=rows, **box_kwargs)
         self.add_class("chemfit-dashboard")
         self.budget, self.optimizer, self.mode = budget, optimizer, mode
+        self.retries = self.fit_options.pop("retries", retries)
+        self.on_error = self.fit_options.pop("on_error", on_error)
+        self.evaluation_timeout = (
+            self.fit_options.pop("evaluation_timeout", evaluation_timeout) or 0
+        )
         self._wire_controls()
         self._set_state("idle", "Ready: choose where to run, then click Start fit")
         self._on_can_continue()
@@ -241,7 +262,8 @@ class FitDashboard(widgets.VBox):
         controls.start_button.on_click(self._on_start_click)
         controls.new_button.on_click(self._on_new_click)
         controls.stop_button.on_click(lambda _button: self.stop(wait=False))
-        for name, control in zip(("budget", "optimizer", "mode"), controls.settings):
+        names = ("budget", "optimizer", "mode", "retries", "on_error", "evaluation_timeout")
+        for name, control in zip(names, controls.settings, strict=True):
             widgets.link((self, name), (control, "value"))
 
     @traitlets.validate("budget")
@@ -255,6 +277,15 @@ class FitDashboard(widgets.VBox):
     def _validate_mode(self, proposal: Any) -> str:
         if proposal["value"] not in ("batch", "async"):
             raise ValueError(f"mode must be 'batch' or 'async', got {proposal['value']!r}")
+        return proposal["value"]
+
+    @traitlets.validate("on_error")
+    def _validate_on_error(self, proposal: Any) -> str:
+        if proposal["value"] not in ("raise", "record"):
+            raise ValueError(
+                f"on_error must be 'raise' or 'record', got {proposal['value']!r}; 'record' "
+                "records an evaluation whose objective raised as failed and goes on"
+            )
         return proposal["value"]
 
     # -- state --------------------------------------------------------------------------------
@@ -427,6 +458,9 @@ class FitDashboard(widgets.VBox):
             self.mode if mode is None else mode,
             resume=not new and self._continuable(),
             done=self.n_evals,
+            retries=self.retries,
+            on_error=self.on_error,
+            evaluation_timeout=self.evaluation_timeout,
         )
         verb = "Continuing" if plan.resume else "Starting"
         if not new and not plan.resume and self.can_continue:  # the button read Continue
@@ -497,7 +531,12 @@ class FitDashboard(widgets.VBox):
         if self.state == "starting":  # not "stopping": a Stop came while starting
             where = KINDS.get(self.picker.kind, self.picker.kind).lower()
             self._set_state("running", running_message(plan, where, self.picker.num_workers))
-        options = {"progress": False, **self.fit_options, "resume": plan.resume}
+        options = {
+            "progress": False,
+            **self.fit_options,
+            **plan.fault_options(),
+            "resume": plan.resume,
+        }
         self.fitter.fit_nevergrad(
             budget=plan.new_evals,
             optimizer_str=plan.optimizer,

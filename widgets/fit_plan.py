@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chemfit.core.exceptions import UnknownOptimizerError
+from chemfit.fitting.fault_policy import FaultPolicy
 from chemfit.fitting.optimizer_lookup import nevergrad_optimizer_class
 
 __all__ = ["LogCollector", "Plan", "make_plan"]
@@ -22,9 +23,30 @@ class Plan:
     optimizer: str
     mode: str
     resume: bool  #: continue the dashboard's fit (``fit_nevergrad(resume=True)``)
+    retries: int = 0  #: times a lost evaluation is submitted again
+    on_error: str = "raise"  #: ``"record"``: an objective that raises is recorded as failed
+    evaluation_timeout: float | None = None  #: seconds before an evaluation is abandoned
+
+    def fault_options(self) -> dict:
+        """The ``fit_nevergrad`` keywords of what to do when evaluations fail."""
+        return {
+            "retries": self.retries,
+            "on_error": self.on_error,
+            "evaluation_timeout": self.evaluation_timeout,
+        }
 
 
-def make_plan(total: object, optimizer: object, mode: object, resume: bool, done: int) -> Plan:
+def make_plan(
+    total: object,
+    optimizer: object,
+    mode: object,
+    resume: bool,
+    done: int,
+    *,
+    retries: object = 0,
+    on_error: object = "raise",
+    evaluation_timeout: object = None,
+) -> Plan:
     """Check the settings and decide what to run; raises ``ValueError`` for a bad one.
 
     Parameters
@@ -38,11 +60,16 @@ def make_plan(total: object, optimizer: object, mode: object, resume: bool, done
         Continue the fit shown (``done`` evaluations so far).
     done : int
         Evaluations of the fit shown.
+    retries, on_error, evaluation_timeout
+        As for ``fit_nevergrad``; an ``evaluation_timeout`` of 0 means none (the dashboard's
+        field).
 
     Examples
     --------
-    >>> make_plan(50, "OnePlusOne", "batch", True, 20)
-    Plan(total=50, new_evals=30, optimizer='OnePlusOne', mode='batch', resume=True)
+    >>> make_plan(50, "OnePlusOne", "batch", True, 20, on_error="record").fault_options()
+    {'retries': 0, 'on_error': 'record', 'evaluation_timeout': None}
+    >>> make_plan(50, "OnePlusOne", "batch", True, 20).new_evals
+    30
     >>> make_plan(0, "OnePlusOne", "batch", False, 0)
     Traceback (most recent call last):
     ...
@@ -65,7 +92,19 @@ def make_plan(total: object, optimizer: object, mode: object, resume: bool, done
             "counts every evaluation of this fit: raise it to continue, or click New fit "
             "to start over"
         )
-    return Plan(int(total), int(total - done), optimizer.strip(), str(mode), resume)
+    if evaluation_timeout == 0:
+        evaluation_timeout = None
+    policy = FaultPolicy(retries, evaluation_timeout, on_error)  # type: ignore[arg-type]
+    return Plan(
+        int(total),
+        int(total - done),
+        optimizer.strip(),
+        str(mode),
+        resume,
+        retries=policy.retries,
+        on_error=policy.on_error,
+        evaluation_timeout=policy.timeout,
+    )
 
 
 class LogCollector(logging.Handler):

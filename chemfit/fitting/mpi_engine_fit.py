@@ -175,7 +175,9 @@ class MPIEngineFit(MPIEngineJob):
     fit_kwargs : dict
         Their keyword arguments (``budget`` is required for nevergrad).
     fitter_kwargs : dict, optional
-        Further :class:`Fitter` keyword arguments.
+        Further :class:`Fitter` keyword arguments. ``{"validation": objective}`` is evaluated
+        on rank 0 for each improvement; its losses are in the result (``result.validation``),
+        not in the streamed records.
     stream_meta : {"summary", "full", "none"}
         How much meta each streamed record carries (see :func:`summarise_meta`).
     on_record : callable or list of callables, optional

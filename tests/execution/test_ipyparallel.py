@@ -437,6 +437,26 @@ def test_mpi_engine_fit_streams_progress_while_it_runs(mpi_ex):
 
 
 @pytest.mark.timeout(180)
+def test_mpi_engine_fit_records_validation_on_rank_0(mpi_ex):
+    fit = MPIEngineFit(
+        h.build_cob,
+        {"x": 0.0},
+        {"x": (-3.0, 3.0)},
+        executor=mpi_ex,
+        fit_kwargs={"budget": 30, "optimizer_str": "OnePlusOne", "seed": 0},
+        fitter_kwargs={"validation": h.held_out_loss},
+    )
+    with fit:
+        result = fit.wait(timeout=150)
+    history = result.history
+    improved = [history[position] for position in history.improvements()]
+    assert len(improved) > 1
+    assert [index for index, _ in result.validation] == [r.index for r in improved]
+    for (_, loss), record in zip(result.validation, improved):
+        assert loss == h.held_out_loss(record.parameters)
+
+
+@pytest.mark.timeout(180)
 def test_mpi_engine_job_errors_reach_the_caller(mpi_ex):
     job = MPIEngineJob(h.build_cob, h.driver_raises, executor=mpi_ex).start()
     with pytest.raises(ValueError, match="driver failed on rank 0") as info:

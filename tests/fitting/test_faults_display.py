@@ -4,6 +4,7 @@ and counts, never a plausible loss. Real fits feed them through the fitter's cal
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -78,5 +79,45 @@ def test_dashboard_counts_failed_evaluations():
         assert n_failed > 0
         dash._refresh_ui()
         assert f"{n_failed} failed" in dash.best_label.value
+    finally:
+        dash.close()
+
+
+def crashes_now_and_then(params):
+    """Raises for about a third of the candidates; the first (the initial point) is slow."""
+    if params == {"x": -0.5, "y": 0.0}:
+        time.sleep(1.0)
+    if int(abs(params["x"]) * 1000) % 3 == 0:
+        raise RuntimeError("the simulator crashed")
+    return (params["x"] + 1.0) ** 2 + params["y"] ** 2
+
+
+@pytest.mark.timeout(120)
+def test_the_dashboards_fault_fields_reach_the_fit():
+    fitter = Fitter(crashes_now_and_then, {"x": -0.5, "y": 0.0}, log_exceptions=False)
+    dash = FitDashboard(
+        fitter,
+        optimizer="OnePlusOne",
+        budget=40,
+        fit_options={"seed": 2, "retries": 1},
+        plot_options={"backend": "png"},
+    )
+    try:
+        assert (dash.retries, dash.retries_input.value, dash.on_error) == (1, 1, "raise")
+        assert dash.fit_options == {"seed": 2}  # the fields hold the fault settings
+        dash.start()
+        dash.wait(timeout=90)
+        assert dash.state == "error" and "the simulator crashed" in dash.message
+        dash.on_error_input.value = "record"  # what a person picks: "record, go on"
+        dash.timeout_input.value = 0.3
+        assert (dash.on_error, dash.evaluation_timeout) == ("record", 0.3)
+        dash.new_fit()
+        dash.wait(timeout=90)
+        assert dash.state == "finished", dash.message
+        assert fitter.result.n_evals == 40 and fitter.result.n_failed > 0
+        # Threads cannot be killed: the overdue first evaluation is waited for, with a warning.
+        assert any("cannot stop an evaluation on" in w for w in dash.warnings), dash.warnings
+        with pytest.raises(ValueError, match="on_error must be 'raise' or 'record'"):
+            dash.on_error = "ignore"
     finally:
         dash.close()

@@ -128,3 +128,8 @@ class HangsOnRank1(RankTerm):
 
 def build_hangs_on_rank_1() -> CombinedObjectiveFunction:
     return CombinedObjectiveFunction([HangsOnRank1(t) for t in (0.5, 1.0, 1.5, 2.0)])
+
+
+def held_out_loss(parameters: dict) -> float:
+    """A validation objective: the loss on held-out data (here: another target)."""
+    return (parameters["x"] - 1.2) ** 2

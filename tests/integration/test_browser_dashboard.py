@@ -440,6 +440,11 @@ def test_dashboard_live_plot_stop_continue_and_loky_by_clicking(lab, shots):
             shutil.copy(mid_fit, README_SCREENSHOT)
         progress = page.locator(".chemfit-progress-label")
         assert _count(progress.inner_text()) >= shown_2
+        fault_fields = [
+            page.locator(f".chemfit-{name} {tag}")
+            for name, tag in (("retries", "input"), ("on-error", "select"), ("timeout", "input"))
+        ]
+        assert all(field.is_visible() and field.is_disabled() for field in fault_fields)
 
         # (b) Stop, then Continue: the count goes on, the best loss never gets worse.
         page.locator("button.chemfit-stop").click()
@@ -453,6 +458,9 @@ def test_dashboard_live_plot_stop_continue_and_loky_by_clicking(lab, shots):
         assert page.locator("button.chemfit-new-fit").is_enabled()
         plan = page.locator(".chemfit-plan").inner_text()
         assert f"Continue runs {5000 - n_stop} more, to the budget of 5000" in plan, plan
+        assert all(field.is_enabled() for field in fault_fields)
+        chosen = fault_fields[1].evaluate("select => select.options[select.selectedIndex].text")
+        assert chosen.replace("\xa0", " ") == "stop the fit", chosen  # ipywidgets' nbsp
         page.screenshot(path=str(shots / "3-stopped.png"))
 
         _set_budget(page, n_stop + 300)
