@@ -42,7 +42,7 @@ import numpy as np
 
 from chemfit.core.labels import term_labels as _labels_of_terms
 from chemfit.fitting.results import EvaluationRecord, FitHistory
-from chemfit.fitting.validation import renumbered
+from chemfit.fitting.validation import is_validation_line, parse_history_line, renumbered
 
 from ._jupyter import close_children, has_ipympl, require_ipywidgets, require_matplotlib
 from .plot_cadence import PENDING_TIMEOUT, Cadence, Frame, clocks
@@ -469,12 +469,17 @@ class LivePlot(widgets.VBox):
         return len(self._history)
 
     def on_evaluation(self, record: Any) -> None:
-        """Add one evaluation: an ``EvaluationRecord`` or its ``to_dict()`` form.
+        """Add one evaluation: an ``EvaluationRecord`` or its ``to_dict()`` form (or a
+        validation line ``{"index": i, "validation": loss}``, passed to :meth:`on_validation`).
 
         This is the evaluation callback (``fitter.register_evaluation_callback(plot)`` calls
         it, as does ``MPIEngineFit(on_record=plot.on_evaluation)``). While the plot
         :meth:`follow` s a fit's history, the record is already there: a frame is scheduled.
         """
+        if is_validation_line(record):
+            index, loss = parse_history_line(record)
+            self.on_validation(index, loss)
+            return
         if self._following:
             self._cadence.record_arrived()
         else:

@@ -25,6 +25,7 @@ from chemfit.chemistry.file_based_computer import (
     FileBasedQuantityComputer,
     OutputParser,
 )
+from chemfit.core.utils import check_timeout
 
 __all__ = ["ExternalProgramComputer", "TemplateInputWriter", "render_template"]
 
@@ -223,9 +224,8 @@ class ExternalProgramComputer(FileBasedQuantityComputer):
             if not args or not all(isinstance(a, (str, os.PathLike)) for a in args):
                 raise ValueError(f"command must be a non-empty list of str, got {command!r:.80}")
             executable_cmd = _FixedCommand(args)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        run_args: dict[str, Any] = {"capture_output": True, "timeout": float(timeout)}
+        timeout = check_timeout(timeout, allow_none=False)
+        run_args: dict[str, Any] = {"capture_output": True, "timeout": timeout}
         super().__init__(
             output_files=list(output_files),
             output_parsers=parser,

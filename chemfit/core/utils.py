@@ -111,8 +111,9 @@ def check_protocol(obj: Any | None, prot: type) -> None:
         )
 
 
-def check_timeout(timeout: Any, name: str = "timeout") -> float | None:
-    """``timeout`` as a float, or ``None``; anything but a positive finite number is an error.
+def check_timeout(timeout: Any, name: str = "timeout", *, allow_none: bool = True) -> float | None:
+    """``timeout`` as a float (``None`` stays ``None`` where allowed): the one check of every
+    "seconds" argument. Anything but a positive finite number is an error that names it.
 
     Examples
     --------
@@ -122,15 +123,23 @@ def check_timeout(timeout: Any, name: str = "timeout") -> float | None:
     Traceback (most recent call last):
     ...
     ValueError: rank_timeout must be a positive number of seconds or None, got 0
+    >>> check_timeout("60", allow_none=False)
+    Traceback (most recent call last):
+    ...
+    TypeError: timeout must be a number of seconds, got str: '60'
     """
-    if timeout is None:
+    if timeout is None and allow_none:
         return None
+    alternative = " or None" if allow_none else ""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(
-            f"{name} must be a number of seconds or None, got {type(timeout).__name__}: {timeout!r}"
+            f"{name} must be a number of seconds{alternative}, got {type(timeout).__name__}: "
+            f"{timeout!r}"
         )
     if not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"{name} must be a positive number of seconds or None, got {timeout!r}")
+        raise ValueError(
+            f"{name} must be a positive number of seconds{alternative}, got {timeout!r}"
+        )
     return float(timeout)
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 from chemfit.core.context import EvaluateContext
 from chemfit.core.exceptions import NotPicklableError, WorkerLostError
+from chemfit.core.utils import check_timeout
 from chemfit.execution.ipyparallel_cluster import (
     ClusterConnection,
     connect_to_cluster,
@@ -351,8 +352,7 @@ class IPyParallelExecutor(Executor):
                 f"max_workers must be None or a positive int, got {max_workers!r}; "
                 "pass the number of engines, e.g. max_workers=2"
             )
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        check_timeout(timeout, allow_none=False)
         engines, mpi = _engines_kind(engines, mpi)
         slurm = _slurm_options(engines, batch_options, controller_ip, queue_timeout, on_status)
         ipp = require_ipyparallel()

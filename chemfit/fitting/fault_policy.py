@@ -23,7 +23,6 @@ exactly as before.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import time
 import traceback as tb
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError, WorkerLostError
+from chemfit.core.utils import check_timeout
 from chemfit.execution.task_errors import short_repr
 
 __all__ = ["FaultPolicy", "Flight", "Outcome", "describe_error", "wait_first"]
@@ -185,23 +185,14 @@ class FaultPolicy:
                 f"retries must be an int >= 0, got {retries!r}; it is how many times a lost "
                 "evaluation is submitted again"
             )
-        if evaluation_timeout is not None and (
-            isinstance(evaluation_timeout, bool)
-            or not isinstance(evaluation_timeout, numbers.Real)
-            or not math.isfinite(evaluation_timeout)
-            or evaluation_timeout <= 0
-        ):
-            raise ValueError(
-                f"evaluation_timeout must be a number of seconds > 0 or None, got "
-                f"{evaluation_timeout!r}"
-            )
+        timeout = check_timeout(evaluation_timeout, "evaluation_timeout")
         if on_error not in ON_ERROR:
             raise ValueError(
                 f"on_error must be 'raise' or 'record', got {on_error!r}; 'record' records an "
                 "evaluation whose objective raised as failed and goes on"
             )
         self.retries = int(retries)
-        self.timeout = None if evaluation_timeout is None else float(evaluation_timeout)
+        self.timeout = timeout
         self.on_error = on_error
         #: The error that ended the fit because no worker was left (set by :meth:`settle`).
         self.fatal: WorkerLostError | None = None

@@ -33,6 +33,7 @@ from chemfit.execution.ipyparallel_executor import IPyParallelExecutor
 from chemfit.execution.mpi_engines import MPIEngineJob, RecordCallback
 from chemfit.fitting.fitter import Fitter
 from chemfit.fitting.results import EvaluationRecord, FitHistory, FitResult
+from chemfit.fitting.validation import validation_line
 
 __all__ = ["FitDriver", "MPIEngineFit", "run_fit_on_mpi_engines"]
 
@@ -76,6 +77,10 @@ class _RecordStreamer:
         elif self.stream_meta == "summary":
             data["meta"] = summarise_meta(data["meta"])
         self.publish(data)
+
+    def on_validation(self, index: int, loss: float) -> None:
+        """``Fitter(validation=...)`` tells each validation loss: published as its line."""
+        self.publish(validation_line(index, loss))
 
 
 class FitDriver:
@@ -176,13 +181,15 @@ class MPIEngineFit(MPIEngineJob):
         Their keyword arguments (``budget`` is required for nevergrad).
     fitter_kwargs : dict, optional
         Further :class:`Fitter` keyword arguments. ``{"validation": objective}`` is evaluated
-        on rank 0 for each improvement; its losses are in the result (``result.validation``),
-        not in the streamed records.
+        on rank 0 for each improvement; each loss is streamed as a record
+        ``{"index": i, "validation": loss}`` (the line a ``JSONLinesHistory`` writes, which
+        :meth:`FitHistory.from_lines` and ``LivePlot.on_evaluation`` understand).
     stream_meta : {"summary", "full", "none"}
         How much meta each streamed record carries (see :func:`summarise_meta`).
     on_record : callable or list of callables, optional
         ``on_record(record_dict)`` for every evaluation, in tell order. The dict is
-        ``EvaluationRecord.to_dict()`` with the meta as chosen by ``stream_meta``.
+        ``EvaluationRecord.to_dict()`` with the meta as chosen by ``stream_meta`` (or, with a
+        validation objective, a validation line ``{"index": i, "validation": loss}``).
     executor, profile, cluster_id, profile_dir, background, poll_interval
         As for :class:`~chemfit.execution.mpi_engines.MPIEngineJob`.
     timeout, rank_timeout, mpi_debug_log
@@ -267,8 +274,8 @@ class MPIEngineFit(MPIEngineJob):
 
     @property
     def history(self) -> FitHistory:
-        """The records received so far, as a :class:`FitHistory`."""
-        return FitHistory(EvaluationRecord.from_dict(record) for record in self.records)
+        """The records received so far, as a :class:`FitHistory` (with the validation losses)."""
+        return FitHistory.from_lines(self.records)
 
 
 def run_fit_on_mpi_engines(

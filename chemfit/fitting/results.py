@@ -452,7 +452,24 @@ class FitHistory(Sequence[EvaluationRecord]):
         >>> FitHistory.from_jsonl(path)[0] == rec
         True
         """
-        items = read_jsonl(path, parse_history_line)  # records and validation lines
+        return cls._from_items(read_jsonl(path, parse_history_line))
+
+    @classmethod
+    def from_lines(cls, lines: Iterable[Mapping[str, Any]]) -> FitHistory:
+        """Build from the lines of a JSON-lines history, as dicts: records (``to_dict()``) and
+        validation losses (``{"index": i, "validation": loss}``), e.g. ``MPIEngineFit.records``.
+
+        Examples
+        --------
+        >>> rec = EvaluationRecord(0, 0, 0, {"a": 1.0}, 2.0, 2.0, False, None, None, 0.0)
+        >>> history = FitHistory.from_lines([rec.to_dict(), {"index": 0, "validation": 3.0}])
+        >>> len(history), history.validation
+        (1, [(0, 3.0)])
+        """
+        return cls._from_items([parse_history_line(line) for line in lines])
+
+    @classmethod
+    def _from_items(cls, items: list[EvaluationRecord | tuple[int, float]]) -> FitHistory:
         history = cls(item for item in items if isinstance(item, EvaluationRecord))
         history.validation = [item for item in items if not isinstance(item, EvaluationRecord)]
         return history

@@ -454,6 +454,9 @@ def test_mpi_engine_fit_records_validation_on_rank_0(mpi_ex):
     assert [index for index, _ in result.validation] == [r.index for r in improved]
     for (_, loss), record in zip(result.validation, improved):
         assert loss == h.held_out_loss(record.parameters)
+    # Streamed as they happen: the validation lines among the records rebuild the same history.
+    assert sum("validation" in record for record in fit.records) == len(result.validation)
+    assert fit.history.validation == result.validation and len(fit.history) == 30
 
 
 @pytest.mark.timeout(180)
@@ -550,6 +553,7 @@ def test_a_rank_that_does_not_answer_ends_the_job_with_its_rank_timeout_error():
         waited = time.monotonic() - t0
     finally:
         job.stop()
+    print(f"\nrank_timeout=3 s: wait() raised RankTimeoutError after {waited:.1f} s")
     assert waited < 30, f"the job ended {waited:.0f} s after a 3 s rank timeout"
     assert info.value.ranks == {1: (2, 4)} and info.value.timeout == 3.0
     assert isinstance(info.value.__cause__, RemoteEvaluationError)

@@ -38,22 +38,38 @@ def _fitter(objective=raises_above_half) -> Fitter:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "fragment"),
+    ("kwargs", "error", "fragment"),
     [
-        ({"retries": -1}, "retries must be an int >= 0, got -1"),
-        ({"retries": 1.5}, "retries must be an int >= 0, got 1.5"),
-        ({"retries": True}, "retries must be an int >= 0, got True"),
-        ({"evaluation_timeout": 0}, "evaluation_timeout must be a number of seconds > 0"),
-        ({"evaluation_timeout": -1.0}, "evaluation_timeout must be a number of seconds > 0"),
-        ({"evaluation_timeout": math.nan}, "evaluation_timeout must be a number of seconds > 0"),
-        ({"evaluation_timeout": "5"}, "evaluation_timeout must be a number of seconds > 0"),
-        ({"on_error": "ignore"}, "on_error must be 'raise' or 'record', got 'ignore'"),
+        ({"retries": -1}, ValueError, "retries must be an int >= 0, got -1"),
+        ({"retries": 1.5}, ValueError, "retries must be an int >= 0, got 1.5"),
+        ({"retries": True}, ValueError, "retries must be an int >= 0, got True"),
+        (
+            {"evaluation_timeout": 0},
+            ValueError,
+            "evaluation_timeout must be a positive number of seconds or None, got 0",
+        ),
+        (
+            {"evaluation_timeout": -1.0},
+            ValueError,
+            "evaluation_timeout must be a positive number of seconds or None, got -1.0",
+        ),
+        (
+            {"evaluation_timeout": math.nan},
+            ValueError,
+            "evaluation_timeout must be a positive number of seconds or None, got nan",
+        ),
+        (
+            {"evaluation_timeout": "5"},
+            TypeError,
+            "evaluation_timeout must be a number of seconds or None, got str: '5'",
+        ),
+        ({"on_error": "ignore"}, ValueError, "on_error must be 'raise' or 'record', got 'ignore'"),
     ],
 )
-def test_bad_fault_arguments_raise_before_any_evaluation(kwargs, fragment):
+def test_bad_fault_arguments_raise_before_any_evaluation(kwargs, error, fragment):
     calls = []
     fitter = Fitter(lambda p: calls.append(p) or 0.0, {"x": 0.0})
-    with pytest.raises(ValueError, match="^" + fragment.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(error, match="^" + fragment.replace("(", r"\(").replace(")", r"\)")):
         fitter.fit_nevergrad(budget=3, optimizer_str="OnePlusOne", progress=False, **kwargs)
     assert calls == []
 

@@ -9,6 +9,7 @@ figure's artist and legend, and in the pixels of the rendered frame.
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -87,6 +88,30 @@ def test_live_plot_fed_by_records_draws_the_validation_line():
         labels = [text.get_text() for text in plain._figure.legend.get_texts()]
         assert "validation" not in labels
         plain.close()
+    finally:
+        plot.close()
+
+
+@pytest.mark.timeout(120)
+def test_live_plot_fed_with_the_lines_of_a_history_file_draws_the_validation_line(tmp_path):
+    # What MPIEngineFit(on_record=plot.on_evaluation) streams: records and validation lines.
+    from chemfit.fitting.callbacks import JSONLinesHistory
+
+    fitter = _fitter(validation=_held_out)
+    path = tmp_path / "fit.jsonl"
+    fitter.register_evaluation_callback(JSONLinesHistory(path))
+    fitter.fit_nevergrad(budget=60, optimizer_str="OnePlusOne", seed=0, progress=False)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert any("validation" in line for line in lines)
+    plot = LivePlot(backend="png")
+    try:
+        for line in lines:
+            plot.on_evaluation(line)
+        plot.finish()
+        assert plot.n_records == 60
+        _check_line(plot, fitter.result.history)
+        rebuilt = FitHistory.from_lines(lines)
+        assert rebuilt.validation == fitter.result.validation and len(rebuilt) == 60
     finally:
         plot.close()
 
