@@ -71,6 +71,11 @@ _SETTINGS = (
     "timeout",
     *_BATCH_SETTINGS,
 )
+#: Tooltips of settings while they can be changed (a locked one says why it is locked).
+_TIPS = {
+    "timeout": "Seconds to wait for the engines or workers to start (or for a running cluster "
+    "to answer); a Slurm job waiting in the queue is waited for as long as it takes",
+}
 
 
 class ExecutorPicker(widgets.VBox):
@@ -224,8 +229,9 @@ class ExecutorPicker(widgets.VBox):
             description="Profile dir", placeholder="(optional)", style=style, layout=item()
         )
         self.timeout_input = w.BoundedFloatText(
-            min=0.1, max=3600, description="Timeout (s)", style=style, layout=item()
-        )
+            min=0.1, max=3600, description="Start timeout (s)",
+            style={"description_width": "115px"}, layout=w.Layout(width="235px"),
+        )  # fmt: skip
         self.partition_input = w.Text(
             description="Partition", placeholder="(default)", style=style, layout=item()
         )
@@ -412,9 +418,9 @@ class ExecutorPicker(widgets.VBox):
         }.get(self.state, "info")
         self.status.value = status_html(self.message, level)
         reason = self._lock_reason()
-        for control in self._controls().values():
+        for name, control in self._controls().items():
             control.disabled = reason is not None
-            control.tooltip = reason
+            control.tooltip = reason or _TIPS.get(name)
         self.hint.value = (
             f'<span style="font-size: 0.85em; opacity: 0.8">Locked. {reason}</span>'
             if reason

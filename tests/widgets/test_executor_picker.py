@@ -97,6 +97,8 @@ def test_a_running_pool_stays_editable_and_is_rebuilt_when_changed():
         workers = list(first._processes)
         assert picker.state == "running" and not picker.kind_dropdown.disabled
         assert picker.hint.value == "" and picker.kind_dropdown.tooltip is None
+        assert picker.timeout_input.description == "Start timeout (s)"
+        assert "Seconds to wait for the engines" in picker.timeout_input.tooltip
         picker.workers = 2  # the running pool no longer matches: it is stopped
         assert picker.state == "idle" and "created when a fit starts" in picker.message
         assert _gone(workers), "the out-of-date pool's workers are still running"
