@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from chemfit.core.flatdict import flatten_dict
+from chemfit.fitting.fault_policy import check_on_error
 
 from ._jupyter import close_children, require_ipywidgets
 from .contributions_view import ContributionsPanel
@@ -281,12 +282,7 @@ class FitDashboard(widgets.VBox):
 
     @traitlets.validate("on_error")
     def _validate_on_error(self, proposal: Any) -> str:
-        if proposal["value"] not in ("raise", "record"):
-            raise ValueError(
-                f"on_error must be 'raise' or 'record', got {proposal['value']!r}; 'record' "
-                "records an evaluation whose objective raised as failed and goes on"
-            )
-        return proposal["value"]
+        return check_on_error(proposal["value"])
 
     # -- state --------------------------------------------------------------------------------
 

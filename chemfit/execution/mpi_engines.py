@@ -188,7 +188,7 @@ class MPIEngineJob:
         Seconds rank 0 waits for another rank's answer to one call (``MPIWrapperCOB``'s
         ``timeout``); default: for ever. A rank that does not answer in time (hanging, or
         computing for longer) ends the job: every engine of the MPI world is aborted, and
-        :meth:`wait` raises :class:`~chemfit.execution.mpi_wrapper_cob.RankTimeoutError` naming
+        :meth:`wait` raises :class:`~chemfit.exceptions.RankTimeoutError` naming
         the rank and its terms, with the records received so far kept. Restart the engines
         to go on.
     mpi_debug_log : bool

@@ -35,11 +35,32 @@ from chemfit.core.exceptions import NotPicklableError, RemoteEvaluationError, Wo
 from chemfit.core.utils import check_timeout
 from chemfit.execution.task_errors import short_repr
 
-__all__ = ["FaultPolicy", "Flight", "Outcome", "describe_error", "wait_first"]
+__all__ = ["FaultPolicy", "Flight", "Outcome", "check_on_error", "describe_error", "wait_first"]
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "record")
+
+
+def check_on_error(on_error: Any) -> str:
+    """``on_error`` when it is one of :data:`ON_ERROR`; otherwise a ``ValueError`` that says
+    what ``"record"`` does.
+
+    Examples
+    --------
+    >>> check_on_error("record")
+    'record'
+    >>> check_on_error("ignore")
+    Traceback (most recent call last):
+    ...
+    ValueError: on_error must be 'raise' or 'record', got 'ignore'; 'record' records an evaluation whose objective raised as failed and goes on
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(
+            f"on_error must be 'raise' or 'record', got {on_error!r}; 'record' records an "
+            "evaluation whose objective raised as failed and goes on"
+        )
+    return on_error
 
 
 def wait_first(
@@ -186,14 +207,9 @@ class FaultPolicy:
                 "evaluation is submitted again"
             )
         timeout = check_timeout(evaluation_timeout, "evaluation_timeout")
-        if on_error not in ON_ERROR:
-            raise ValueError(
-                f"on_error must be 'raise' or 'record', got {on_error!r}; 'record' records an "
-                "evaluation whose objective raised as failed and goes on"
-            )
         self.retries = int(retries)
         self.timeout = timeout
-        self.on_error = on_error
+        self.on_error = check_on_error(on_error)
         #: The error that ended the fit because no worker was left (set by :meth:`settle`).
         self.fatal: WorkerLostError | None = None
         self._warned_unkillable = False
